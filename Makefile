@@ -1,0 +1,26 @@
+# Two commands do all the set-up: `make repro` (whole pipeline) and `make test` (tests).
+PYTHON ?= python3
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install repro test bench ui
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+repro: install  ## run (or update) the whole DVC pipeline
+	dvc repro
+
+test: install  ## unit tests + the end-to-end smoke test on tiny generated data
+	python -m pytest
+
+bench: install  ## data-loading and training-throughput benchmarks (needs data/cifar10.npz)
+	python bench/load_dataset.py
+
+ui: install  ## MLflow UI on http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

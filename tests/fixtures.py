@@ -1,0 +1,97 @@
+"""Tiny CIFAR-format datasets made on the spot, and a loopback HTTP server to fetch them from."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import http.server
+import io
+import pickle
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def fake_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 32x32 RGB images whose mean colour depends on the label (so a model can learn it)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(CLASSES)
+    rng.shuffle(labels)
+    base = (labels[:, None, None, None] * 25 + 10).astype(np.int16)
+    noise = rng.integers(-10, 11, size=(n, 32, 32, 3))
+    images = np.clip(base + noise + np.array([0, 40, 80]), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def write_pickle_folder(folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 0,
+                        bytes_keys: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The official python layout: data_batch_1..5, test_batch, batches.meta."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = (lambda s: s.encode()) if bytes_keys else (lambda s: s)
+    train_x, train_y = fake_images(n_train, seed)
+    test_x, test_y = fake_images(n_test, seed + 1)
+
+    def dump(name: str, x: np.ndarray, y: np.ndarray) -> None:
+        flat = x.transpose(0, 3, 1, 2).reshape(len(x), -1)  # channel-major rows, as the original
+        with open(folder / name, "wb") as fh:
+            pickle.dump({key("data"): flat, key("labels"): y.tolist(), key("batch_label"): key(name)}, fh)
+
+    for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+        dump(f"data_batch_{i}", train_x[part], train_y[part])
+    dump("test_batch", test_x, test_y)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({key("label_names"): [key(c) if bytes_keys else c for c in CLASSES]}, fh)
+    return train_x, train_y, test_x, test_y
+
+
+def write_archive(path: Path, **kwargs) -> str:
+    """A ``cifar-10-python.tar.gz`` lookalike; returns its md5."""
+    staging = path.parent / "staging"
+    write_pickle_folder(staging / "cifar-10-batches-py", **kwargs)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_image_folder(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 0, suffix: str = ".png") -> None:
+    from PIL import Image
+
+    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        x, y = fake_images(n, s)
+        for i, (img, label) in enumerate(zip(x, y)):
+            folder = root / split / CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / f"{i:04d}{suffix}")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path, handler=_QuietHandler):
+    """Serve ``directory`` on a free 127.0.0.1 port; yields the base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def tar_with_member(path: Path, name: str, data: bytes = b"x", symlink_to: str | None = None) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(name)
+        if symlink_to is not None:
+            info.type, info.linkname = tarfile.SYMTYPE, symlink_to
+            tar.addfile(info)
+        else:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
