@@ -95,16 +95,37 @@ def parameter_table(model) -> list[dict]:
         n_weights = sum(p.numel() for k, p in own.items() if k != "bias")
         n_bias = bias.numel() if bias is not None else 0
         rows.append({
-            "layer": name, "type": type(module).__name__, "weight_shape": shape,
+            "n": len(rows) + 1, "module": f"[{name}]", "type": type(module).__name__, "weight_shape": shape,
             "weights": n_weights, "biases": n_bias, "parameters": n_weights + n_bias,
             "trainable": all(p.requires_grad for p in own.values()),
         })
     return rows
 
 
+def torch_output_size(size_in: int, kernel: int, padding: int, stride: int, pool: bool = False) -> int:
+    """The same size measured on a real torch layer (the cross-check of the formula)."""
+    import torch
+    import torch.nn as nn
+
+    layer = (nn.MaxPool2d(kernel, stride, padding) if pool
+             else nn.Conv2d(1, 1, kernel, stride=stride, padding=padding, bias=False))
+    with torch.no_grad():
+        return int(layer(torch.zeros(1, 1, size_in, size_in)).shape[-1])
+
+
+def conv2d_torch(image: np.ndarray, kernel: np.ndarray, padding: int = 1) -> np.ndarray:
+    """Convolution through torch: conv2d is cross-correlation, so it gets the flipped kernel."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(np.asarray(image), dtype=torch.float64)[None, None]
+    w = torch.as_tensor(np.ascontiguousarray(np.asarray(kernel)[::-1, ::-1]), dtype=torch.float64)[None, None]
+    return F.conv2d(x, w, padding=padding)[0, 0].numpy()
+
+
 def task1_answers() -> dict:
     """Every Task 1 number, computed (1a-1f; 1g needs a model, see parameter_table)."""
-    return {
+    answers = {
         "1a": {"image": IMAGE_1A.tolist(), "kernel": SOBEL_X.tolist(),
                "flipped_kernel": SOBEL_X[::-1, ::-1].tolist(),
                "result": convolve2d(IMAGE_1A, SOBEL_X, padding=1).tolist()},
@@ -113,5 +134,20 @@ def task1_answers() -> dict:
         "1e": {"input": 504, "window": 2, "stride": 2, "padding": 0, "output": output_size(504, 2, 0, 2)},
         "1f": {"input": 252, "kernel": 3, "stride": 1, "padding": 0, "output": output_size(252, 3, 0, 1)},
     }
+    # Every answer cross-checked against torch; a disagreement is a bug, not a result.
+    a = answers
+    checks = {
+        "1a": np.array_equal(conv2d_torch(IMAGE_1A, SOBEL_X, 1), np.array(a["1a"]["result"])),
+        "1c": torch_output_size(32, 5, a["1c"]["padding"], 1) == 32,
+        "1d": torch_output_size(512, a["1d"]["kernel"], 0, 1) == 504,
+        "1e": torch_output_size(504, 2, 0, 2, pool=True) == a["1e"]["output"],
+        "1f": torch_output_size(252, 3, 0, 1) == a["1f"]["output"],
+    }
+    failed = [k for k, ok in checks.items() if not ok]
+    if failed:
+        raise AssertionError(f"Task 1 answers disagree with torch: {failed}")
+    for key in answers:
+        answers[key]["checked_with_torch"] = True
+    return answers
 
 
