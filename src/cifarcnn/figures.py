@@ -64,3 +64,47 @@ def task1a_convolution(image: np.ndarray, kernel: np.ndarray, result: np.ndarray
     fig.suptitle("Convolution with the Sobel kernel: flip, zero-pad (outside = 0), multiply, sum",
                  fontsize=11, y=1.01)
     return save(fig, path)
+
+
+# --- training curves (Figures 2-4, 6, 7) ---------------------------------------------------
+
+def rolling(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and std over consecutive blocks of ``window`` steps; returns (block end, mean, std)."""
+    n = len(values) // window * window
+    if n == 0:
+        return np.array([len(values)]), np.array([np.mean(values)]), np.array([0.0])
+    blocks = np.asarray(values[:n], dtype=float).reshape(-1, window)
+    return np.arange(1, len(blocks) + 1) * window, blocks.mean(1), blocks.std(1)
+
+
+def final_accuracy_box(ax, metrics: dict) -> None:
+    text = ("Final Accuracy Results:\n"
+            f"    Training:   {metrics['train_acc']:.2%}\n"
+            f"    Validation: {metrics['val_acc']:.2%}\n"
+            f"    Test:       {metrics['test_acc']:.2%}")
+    ax.text(0.97, 0.03, text, transform=ax.transAxes, ha="right", va="bottom", family="monospace",
+            fontsize=12, bbox={"facecolor": "white", "edgecolor": "0.6"})
+
+
+def training_curves(steps: list[int], losses: list[float], validations: list[dict], metrics: dict,
+                    title: str, path: str | Path, window: int = 50) -> Path:
+    """Left: training loss (mean ± std over ``window`` steps) and validation loss; right:
+    validation accuracy and the final accuracies of the best checkpoint."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(16, 9))
+    steps_arr = np.asarray(steps)
+    x, mean, std = rolling(np.asarray(losses), window)
+    x = steps_arr[np.clip(x - 1, 0, len(steps_arr) - 1)] if len(steps_arr) else x
+    ax_loss.plot(x, mean, label=f"Training loss (mean over {window} steps)")
+    ax_loss.fill_between(x, mean - std, mean + std, alpha=0.2, label=f"Training loss (± std over {window} steps)")
+    v_steps = [v["step"] for v in validations]
+    ax_loss.plot(v_steps, [v["val_loss"] for v in validations], label="Validation loss")
+    ax_loss.set_title("Cross Entropy Loss")
+    ax_loss.set_xlabel("training step")
+    ax_loss.legend(loc="upper right")
+    ax_acc.plot(v_steps, [v["val_acc"] for v in validations], label="Validation Accuracy")
+    ax_acc.set_title("Accuracy")
+    ax_acc.set_xlabel("training step")
+    ax_acc.legend(loc="upper right")
+    final_accuracy_box(ax_acc, metrics)
+    fig.suptitle(title)
+    return save(fig, path)

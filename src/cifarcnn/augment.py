@@ -1,0 +1,143 @@
+"""Batched per-image augmentation with torchvision's semantics (Task 3e).
+
+torchvision's transforms, given a batch, draw ONE set of random parameters for the whole
+batch. Here every image draws its own, as torchvision does when it is called per image:
+
+- horizontal flip with probability ``p``;
+- rotation by an angle uniform in [-deg, deg] (counter-clockwise), nearest-neighbour
+  sampling, corners filled with 0, no expansion (``RandomRotation(deg)``);
+- ColorJitter(brightness, contrast, saturation, hue): factors uniform in
+  [max(0, 1 - v), 1 + v] (hue: shift uniform in [-h, h]), the four applied in a random order
+  drawn per image, each result clamped to [0, 1].
+
+Images are float tensors in [0, 1], shape [B, 3, H, W], on any device.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import AugmentSpec
+
+
+def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (high - low) + low
+
+
+def grayscale(img: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601-2 luma, as torchvision's rgb_to_grayscale: [B, 1, H, W]."""
+    r, g, b = img.unbind(dim=-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def _blend(img: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * img + (1.0 - factor) * other).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(img, torch.zeros_like(img), factor)
+
+
+def adjust_contrast(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = grayscale(img).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(img, mean, factor)
+
+
+def adjust_saturation(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(img, grayscale(img), factor)
+
+
+def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
+    r, g, b = img.unbind(dim=-3)
+    maxc, _ = img.max(dim=-3)
+    minc, _ = img.min(dim=-3)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), dim=-3)
+
+
+def hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
+    h, s, v = img.unbind(dim=-3)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int32) % 6
+    p = (v * (1.0 - s)).clamp(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
+    mask = i.unsqueeze(-3) == torch.arange(6, device=i.device).view(-1, 1, 1)
+    a1 = torch.stack((v, q, p, p, t, v), dim=-3)
+    a2 = torch.stack((t, v, v, q, p, p), dim=-3)
+    a3 = torch.stack((p, p, t, v, v, q), dim=-3)
+    a4 = torch.stack((a1, a2, a3), dim=-4)
+    return torch.einsum("...ijk, ...xijk -> ...xjk", mask.to(img.dtype), a4)
+
+
+def adjust_hue(img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    hsv = rgb_to_hsv(img)
+    h = torch.remainder(hsv[:, 0] + shift.view(-1, 1, 1), 1.0)
+    return hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+
+
+COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def hflip(img: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    return torch.where(flip.view(-1, 1, 1, 1), img.flip(-1), img)
+
+
+def rotate(img: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image counter-clockwise by its angle about the centre; nearest; fill 0."""
+    theta = degrees * (math.pi / 180.0)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    h, w = img.shape[-2:]
+    zeros = torch.zeros_like(cos)
+    # Output pixel -> input pixel (the inverse rotation) in normalised coordinates; the
+    # aspect terms keep the rotation rigid on non-square images.
+    matrix = torch.stack([torch.stack([cos, -sin * h / w, zeros], -1),
+                          torch.stack([sin * w / h, cos, zeros], -1)], -2)
+    grid = F.affine_grid(matrix.to(img.dtype), list(img.shape), align_corners=False)
+    return F.grid_sample(img, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def color_jitter(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+    n, device = img.shape[0], img.device
+    factors = [
+        _uniform(n, max(0.0, 1 - spec.brightness), 1 + spec.brightness, gen, device),
+        _uniform(n, max(0.0, 1 - spec.contrast), 1 + spec.contrast, gen, device),
+        _uniform(n, max(0.0, 1 - spec.saturation), 1 + spec.saturation, gen, device),
+        _uniform(n, -spec.hue, spec.hue, gen, device),
+    ]
+    enabled = [spec.brightness > 0, spec.contrast > 0, spec.saturation > 0, spec.hue > 0]
+    order = torch.argsort(torch.rand(n, 4, generator=gen, device=device), dim=1)  # a permutation per image
+    out = img.clone()
+    for slot in range(4):
+        for op_index, op in enumerate(COLOR_OPS):
+            if not enabled[op_index]:
+                continue
+            rows = (order[:, slot] == op_index).nonzero().squeeze(1)
+            if rows.numel():
+                out[rows] = op(out[rows], factors[op_index][rows])
+    return out
+
+
+def augment_batch(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+    """The Task 3e pipeline on a float batch in [0, 1]: flip, rotate, colour jitter."""
+    n, device = img.shape[0], img.device
+    if spec.hflip_p > 0:
+        img = hflip(img, torch.rand(n, generator=gen, device=device) < spec.hflip_p)
+    if spec.rotate_deg > 0:
+        img = rotate(img, _uniform(n, -spec.rotate_deg, spec.rotate_deg, gen, device))
+    if any((spec.brightness, spec.contrast, spec.saturation, spec.hue)):
+        img = color_jitter(img, spec, gen)
+    return img

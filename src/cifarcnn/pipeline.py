@@ -1,0 +1,72 @@
+"""What a training stage does, end to end: train, write results, track in MLflow."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import figures
+from .config import RunConfig
+from .data import Dataset
+from .fsutil import write_json, write_text
+from .tracking import MlflowRun, run_tags
+from .training import BEST, RESUME, load_checkpoint, resolve_device, train
+
+CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]
+
+
+def curves_csv(validations: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CURVE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in validations:
+        writer.writerow({k: row[k] for k in CURVE_FIELDS})
+    return out.getvalue()
+
+
+def _resume_run_id(model_dir: Path) -> str | None:
+    path = model_dir / RESUME
+    if not path.exists():
+        return None
+    try:
+        return load_checkpoint(path).get("run_state", {}).get("mlflow_run_id")
+    except Exception:  # noqa: BLE001 - an unreadable resume file is handled by train()
+        return None
+
+
+def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: Path) -> dict:
+    device = resolve_device(cfg.device)
+    run = MlflowRun.start(cfg.experiment, cfg.name, run_tags(cfg.name, str(device)),
+                          resume_id=_resume_run_id(model_dir))
+    try:
+        run.log_params(cfg.flat_params())
+        result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id})
+        logging_seconds = run.seconds  # params + per-step/validation metrics, during training
+        metrics = {**result.metrics, "mlflow_run_id": run.run_id,
+                   "resumed_from_step": result.resumed_from_step}
+        h = result.history
+        curves_png = figures.training_curves(
+            h.steps, h.losses, h.validations, metrics, f"{cfg.name}: {cfg.model}, {cfg.optimizer} lr {cfg.lr:g}, "
+            f"batch {cfg.batch_size}", results_dir / "curves.png")
+        write_text(results_dir / "curves.csv", curves_csv(h.validations))
+        run.log_summary({k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))})
+        run.log_artifact(curves_png)
+        run.log_artifact(model_dir / BEST, "checkpoint")
+        model = result.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+        example = np.zeros((2, 3, cfg.input.size, cfg.input.size), dtype=np.float32)
+        run.log_model(model, example)  # batch of 2: a batch of 1 would fix the batch dimension
+        metrics["mlflow_logging_seconds"] = round(logging_seconds, 3)
+        metrics["mlflow_logging_share"] = round(logging_seconds / max(metrics["train_seconds"], 1e-9), 4)
+        run.log_summary({k: metrics[k] for k in ("mlflow_logging_seconds", "mlflow_logging_share")}, prefix="")
+        write_json(results_dir / "train.json", metrics)
+        run.finish()
+        return metrics
+    except BaseException:
+        try:
+            run.finish("FAILED")
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
+        raise

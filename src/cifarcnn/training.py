@@ -1,0 +1,328 @@
+"""The one training loop for every run of the report.
+
+A run differs only by its config: model, optimizer, learning rate, batch size, epochs,
+early stopping, augmentation and input size. Semantics kept from the original:
+
+- a fixed-seed validation split, validation every ``steps_per_epoch // evals_per_epoch`` steps;
+- early stopping when the oldest of the last ``early_stop_count`` validation losses is the
+  lowest of them;
+- the best checkpoint is the one with the lowest validation loss; final numbers come from it.
+
+Fixed on purpose: augmentation only on training batches; accuracy counted per image.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .batches import Preprocess, Split, epoch_batches, eval_batches, make_splits
+from .config import RunConfig
+from .data import Dataset
+from .errors import UserError
+from .fsutil import atomic_path
+from .models import create_model
+
+BEST = "best.pt"  # the checkpoint with the lowest validation loss (a DVC output)
+RESUME = "resume.pt"  # the latest state, for resuming a killed run; removed when the run ends
+LOSS_FLUSH_STEPS = 50  # copy per-step losses off the device (and check them) this often
+EVAL_BATCH = 512  # images per evaluation batch (32x32 input); scaled down for bigger inputs
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+class RunLogger(Protocol):
+    """What the loop reports to (MLflow in the pipeline; nothing in some tests)."""
+
+    def log_train_losses(self, steps: list[int], losses: list[float]) -> None: ...
+
+    def log_validation(self, step: int, epoch: float, val_loss: float, val_acc: float) -> None: ...
+
+
+@dataclass
+class History:
+    steps: list[int] = field(default_factory=list)  # every training step
+    losses: list[float] = field(default_factory=list)  # its training loss
+    validations: list[dict] = field(default_factory=list)  # step, epoch, train_loss, val_loss, val_acc
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "losses": self.losses, "validations": self.validations}
+
+
+def should_stop(val_losses: list[float], count: int | None) -> bool:
+    """Early stopping: the oldest of the last ``count`` validation losses is their minimum."""
+    if not count or len(val_losses) < count:
+        return False
+    window = val_losses[-count:]
+    return window[0] == min(window)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: cuda requested but no CUDA device is available; use auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def use_channels_last(device: torch.device, input_size: int) -> bool:
+    """Memory format by measurement (bench/throughput.py), not by habit.
+
+    On the 2-core AVX2 CPU: the 32x32 CNNs train no faster in channels_last (task2 533 vs 541
+    img/s, task3e 144 vs 153), ResNet18 at 224x224 does (16.8 vs 13.9-15.4 img/s). On a GPU
+    channels_last is cuDNN's preferred layout. bf16 autocast is not used: ~11x slower on that
+    CPU, and fp32 keeps the report's numerics on a GPU.
+    """
+    return device.type == "cuda" or input_size >= 128
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)  # plain SGD, no momentum (the original)
+    return torch.optim.Adam(params, lr=cfg.lr)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, prep: Preprocess) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over every image of ``split`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    batch = max(16, EVAL_BATCH * 32 * 32 // (prep.size * prep.size))
+    loss_sum = torch.zeros((), device=split.y.device, dtype=torch.float64)
+    correct = torch.zeros((), device=split.y.device, dtype=torch.int64)
+    for idx in eval_batches(len(split), batch):
+        idx = idx.to(split.y.device)
+        logits = model(prep(split.x[idx]))
+        loss_sum += F.cross_entropy(logits.float(), split.y[idx], reduction="sum").double()
+        correct += (logits.argmax(1) == split.y[idx]).sum()
+    model.train(was_training)
+    n = max(len(split), 1)
+    return float(loss_sum) / n, int(correct) / n
+
+
+def data_fingerprint(ds: Dataset) -> str:
+    digest = hashlib.sha256()
+    for arr in (ds.train_y, ds.test_y, ds.train_x[:64], ds.test_x[:64]):
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    digest.update(f"{len(ds.train_y)}/{len(ds.test_y)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Atomic: a kill during the write leaves the previous checkpoint intact."""
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({err}); delete it to start over") from err
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    history: History
+    model: torch.nn.Module
+    resumed_from_step: int | None
+
+
+def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | None = None,
+          run_state: dict | None = None) -> TrainResult:
+    """Train ``cfg`` on ``ds``; checkpoints go to ``out_dir`` (best.pt, and resume.pt while running).
+
+    ``run_state`` is extra plain data saved with the resume state (the MLflow run id), so a
+    resumed run can report to the same place; the resumed copy is returned in the metrics.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(cfg.seed)
+    splits = make_splits(ds, cfg.val_fraction, cfg.split_seed, device)
+    n_train = len(splits["train"])
+    if cfg.batch_size > n_train:
+        raise UserError(f"runs.{cfg.name}.batch_size: {cfg.batch_size} is larger than the {n_train} "
+                        f"training images (data.subset too small?)")
+    channels_last = use_channels_last(device, cfg.input.size)
+    prep = Preprocess(cfg.input, device, channels_last)
+    model = create_model(cfg.model, **cfg.model_params).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    steps_per_epoch = n_train // cfg.batch_size
+    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
+    history = History()
+    best = {"val_loss": math.inf, "step": -1}
+    start_step = 0
+    fingerprint = data_fingerprint(ds)
+    config_dict = cfg.to_dict()
+    resume_path, best_path = out_dir / RESUME, out_dir / BEST
+
+    resumed_from = None
+    if resume_path.exists():
+        state = load_checkpoint(resume_path)
+        if state.get("config") == config_dict and state.get("data") == fingerprint and best_path.exists():
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"], device)
+            history = History(**state["history"])
+            best = state["best"]
+            start_step = resumed_from = state["step"]
+            if run_state is not None:
+                run_state.update(state.get("run_state", {}))
+            print(f"resuming {cfg.name} from step {start_step} ({resume_path})")
+        else:
+            print(f"ignoring {resume_path}: it belongs to other params or data")
+            resume_path.unlink()
+    if resumed_from is None:
+        best_path.unlink(missing_ok=True)
+
+    model.train()
+    step = start_step
+    pending_steps: list[int] = []
+    pending_losses: list[torch.Tensor] = []
+    stopped_early = False
+    aug_gen = torch.Generator(device=device)
+    started = time.perf_counter()
+
+    def flush_losses() -> None:
+        if not pending_losses:
+            return
+        values = torch.stack(pending_losses).float().cpu().tolist()
+        for s, v in zip(pending_steps, values):
+            if not math.isfinite(v):
+                raise NonFiniteLoss(
+                    f"runs.{cfg.name}: training loss became {v} at step {s}; stopped. The last good "
+                    f"checkpoint is kept in {out_dir}. Lower the learning rate (now {cfg.lr:g}) and re-run."
+                )
+        history.steps.extend(pending_steps)
+        history.losses.extend(values)
+        if logger is not None:
+            logger.log_train_losses(list(pending_steps), values)
+        pending_steps.clear()
+        pending_losses.clear()
+
+    epoch = step // steps_per_epoch
+    while epoch < cfg.epochs and not stopped_early:
+        order_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same order after a resume
+        batches = epoch_batches(n_train, cfg.batch_size, order_gen)
+        skip = step - epoch * steps_per_epoch
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}",
+                   unit="step", disable=None, leave=False, dynamic_ncols=True)
+        for idx in batches[skip:]:
+            idx = idx.to(device)
+            aug_gen.manual_seed(cfg.seed * 1_000_003 + step)  # augmentation is a function of the step
+            x = prep(splits["train"].x[idx], cfg.augment, aug_gen)
+            loss = F.cross_entropy(model(x), splits["train"].y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            pending_steps.append(step)
+            pending_losses.append(loss.detach())
+            bar.update(1)
+            if len(pending_losses) >= LOSS_FLUSH_STEPS:
+                flush_losses()
+                bar.set_postfix(loss=f"{history.losses[-1]:.3f}", refresh=False)
+            if step % eval_every == 0:
+                flush_losses()
+                val_loss, val_acc = evaluate(model, splits["val"], prep)
+                if not math.isfinite(val_loss):
+                    raise NonFiniteLoss(f"runs.{cfg.name}: validation loss became {val_loss} at step {step}; "
+                                        f"stopped. Lower the learning rate (now {cfg.lr:g}) and re-run.")
+                recent = history.losses[-eval_every:]
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                          "train_loss": float(np.mean(recent)) if recent else float("nan"),
+                          "val_loss": val_loss, "val_acc": val_acc}
+                history.validations.append(record)
+                if logger is not None:
+                    logger.log_validation(step, record["epoch"], val_loss, val_acc)
+                if val_loss < best["val_loss"]:
+                    best = {"val_loss": val_loss, "val_acc": val_acc, "step": step, "epoch": record["epoch"]}
+                    save_checkpoint(best_path, {"model": model.state_dict(), "config": config_dict,
+                                                "classes": list(ds.classes), **best})
+                stopped_early = should_stop([v["val_loss"] for v in history.validations], cfg.early_stop_count)
+                save_checkpoint(resume_path, {
+                    "config": config_dict, "data": fingerprint, "step": step, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": _rng_state(device), "history": history.to_dict(),
+                    "best": best, "run_state": dict(run_state or {}),
+                })
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_loss=f"{val_loss:.3f}",
+                                val_acc=f"{val_acc:.3f}")
+                if bar.disable:
+                    print(f"{cfg.name} step {step}/{total_steps} epoch {record['epoch']:.2f}: train loss "
+                          f"{record['train_loss']:.4f}, val loss {val_loss:.4f}, val acc {val_acc:.4f}", flush=True)
+                if stopped_early:
+                    break
+        bar.close()
+        flush_losses()
+        if not stopped_early:
+            epoch += 1
+    train_seconds = time.perf_counter() - started
+    if not best_path.exists():  # fewer steps than one validation interval: keep the final state
+        val_loss, val_acc = evaluate(model, splits["val"], prep)
+        best = {"val_loss": val_loss, "val_acc": val_acc, "step": step, "epoch": round(step / steps_per_epoch, 4)}
+        save_checkpoint(best_path, {"model": model.state_dict(), "config": config_dict,
+                                    "classes": list(ds.classes), **best})
+
+    model.load_state_dict(load_checkpoint(best_path)["model"])
+    final = {f"{name}_{kind}": value for name in ("train", "val", "test")
+             for kind, value in zip(("loss", "acc"), evaluate(model, splits[name], prep))}
+    steps_run = step - start_step
+    metrics = {
+        **final,
+        "best_step": best["step"], "best_epoch": best["epoch"], "steps": step,
+        "epochs_run": round(step / steps_per_epoch, 4), "stopped_early": stopped_early,
+        "train_seconds": round(train_seconds, 2),
+        "train_images_per_s": round(steps_run * cfg.batch_size / train_seconds, 1) if steps_run else None,
+        "device": str(device), "n_train": n_train, "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+    }
+    resume_path.unlink(missing_ok=True)
+    return TrainResult(metrics, history, model, resumed_from)
+
+
+def load_best_model(path: str | Path) -> tuple[torch.nn.Module, RunConfig, dict]:
+    """A best checkpoint -> (model in eval mode on CPU, its config, the checkpoint)."""
+    ckpt = load_checkpoint(Path(path))
+    cfg = RunConfig.from_dict(ckpt["config"])
+    model = create_model(cfg.model, **{**cfg.model_params, **({"weights": "none"} if "weights" in cfg.model_params else {})})
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg, ckpt
+
+
