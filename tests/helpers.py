@@ -1,0 +1,39 @@
+"""Shrinking the real params.yaml for tests: same runs, tiny data, one epoch."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import yaml
+from fixtures import CLASSES, fake_images
+
+from cifarcnn.config import RunConfig, load_params, resolve_run
+from cifarcnn.data import Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def real_params() -> dict:
+    return load_params(ROOT / "params.yaml")
+
+
+def tiny_params(**train_overrides) -> dict:
+    params = copy.deepcopy(real_params())
+    params["resnet_weights"] = "none"
+    params["train"].update({"max_epochs": 1, "device": "cpu", **train_overrides})
+    return params
+
+
+def tiny_run(name: str, **changes) -> RunConfig:
+    return dataclasses.replace(resolve_run(tiny_params(), name), **changes)
+
+
+def tiny_dataset(n_train: int = 300, n_test: int = 60, seed: int = 0) -> Dataset:
+    x, y = fake_images(n_train, seed)
+    tx, ty = fake_images(n_test, seed + 1)
+    return Dataset(x, y, tx, ty, list(CLASSES))
+
+
+def write_params(path: Path, params: dict) -> None:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,0 +1,84 @@
+"""Bad params end in one clear line that names the key."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+from helpers import tiny_params
+
+from cifarcnn.config import load_params, resolve_all, resolve_data, resolve_run
+from cifarcnn.errors import UserError
+
+
+def mutate(fn):
+    params = copy.deepcopy(tiny_params())
+    fn(params)
+    return params
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["runs"]["task2"].update(lrr=0.1), r"runs\.task2\.lrr: unknown key"),
+    (lambda p: p["runs"]["task2"].update(lr="fast"), r"runs\.task2\.lr: expected a number, got 'fast'"),
+    (lambda p: p["runs"]["task2"].update(lr=0), r"runs\.task2\.lr: must be > 0"),
+    (lambda p: p["runs"]["task2"].update(lr=-0.1), r"runs\.task2\.lr: must be > 0"),
+    (lambda p: p.update(lr=-1), r"^lr: must be > 0"),
+    (lambda p: p["runs"]["task2"].update(model="vgg"), r"runs\.task2\.model: unknown model 'vgg'"),
+    (lambda p: p["runs"]["task2"].update(optimizer="rmsprop"), r"runs\.task2\.optimizer: expected one of sgd, adam"),
+    (lambda p: p["runs"]["task2"].update(batch_size=6.5), r"runs\.task2\.batch_size: expected an integer"),
+    (lambda p: p["runs"]["task2"].update(batch_size=True), r"runs\.task2\.batch_size: expected an integer"),
+    (lambda p: p["runs"]["task2"].update(epochs=0), r"runs\.task2\.epochs: must be >= 1"),
+    (lambda p: p["runs"]["task2"].pop("optimizer"), r"runs\.task2\.optimizer: missing"),
+    (lambda p: p["runs"]["task2"].update(model_params={"dropout": True}), r"runs\.task2\.model_params\.dropout: model 'task2' has no such parameter"),
+    (lambda p: p["runs"]["task3e"]["augment"].update(hue=0.7), r"runs\.task3e\.augment\.hue: must be >= 0 and <= 0\.5"),
+    (lambda p: p["runs"]["task2"]["input"].update(std=[0.2, 0, 0.2]), r"runs\.task2\.input\.std\[1\]: must be > 0"),
+    (lambda p: p["runs"]["task2"].update(follows="nope"), r"runs\.task2\.follows: 'nope' is not a top-level key"),
+    (lambda p: p["runs"]["task2"].update(lr="${lr}"), r"runs\.task2\.lr: refers to \$\{lr\} but the run follows 'train'"),
+    (lambda p: p["train"].update(devise="cpu"), r"train\.devise: unknown key"),
+    (lambda p: p["train"].update(device="tpu"), r"train\.device: expected one of auto, cpu, cuda"),
+    (lambda p: p["train"].update(max_epochs=0), r"train\.max_epochs: must be >= 1"),
+    (lambda p: p["train"].update(val_fraction=0.9), r"train\.val_fraction: must be > 0 and <= 0\.5"),
+])
+def test_bad_run_params_name_the_key(change, message):
+    with pytest.raises(UserError, match=message) as err:
+        resolve_all(mutate(change))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["data"].update(md5="abc"), r"data\.md5: expected 32 hex digits or null"),
+    (lambda p: p["data"].update(subset="all"), r"data\.subset: expected an integer or null"),
+    (lambda p: p["data"].update(extra=1), r"data\.extra: unknown key"),
+])
+def test_bad_data_params_name_the_key(change, message):
+    with pytest.raises(UserError, match=message):
+        resolve_data(mutate(change))
+
+
+def test_top_level_lr_drives_task3e_only():
+    params = mutate(lambda p: p.update(lr=0.001))
+    runs = resolve_all(params)
+    assert runs["task3e"].lr == 0.001
+    assert runs["task2"].lr == 0.05 and runs["task3a_model1"].lr == 0.00049
+
+
+def test_resnet_weights_flow_into_task4a():
+    assert resolve_run(mutate(lambda p: p.update(resnet_weights="/w.pth")), "task4a").model_params == {"weights": "/w.pth"}
+
+
+def test_max_epochs_caps_every_run():
+    runs = resolve_all(tiny_params(max_epochs=2))
+    assert {c.epochs for c in runs.values()} == {2}
+
+
+def test_unreadable_params_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("runs: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(UserError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_flat_params_use_params_yaml_names():
+    flat = resolve_run(tiny_params(), "task3e").flat_params()
+    assert flat["lr"] == 0.0006 and flat["batch_size"] == 32 and flat["model_params.second_dropout"] == 0.1
+    assert flat["augment.hue"] == 0.5 and flat["train.seed"] == 0 and flat["input.size"] == 32

@@ -1,0 +1,75 @@
+"""MLflow: what one training run leaves in the store, and failing fast on a dead server."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from helpers import tiny_dataset, tiny_run
+from mlflow.tracking import MlflowClient
+
+from cifarcnn import tracking
+from cifarcnn.errors import UserError
+from cifarcnn.pipeline import train_and_track
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_STAGE", "train@task2")
+    monkeypatch.setenv("DVC_EXP_NAME", "test-exp")
+    return tmp_path
+
+
+def test_training_run_contents(store):
+    cfg = tiny_run("task2", batch_size=32, evals_per_epoch=2)
+    metrics = train_and_track(cfg, tiny_dataset(300, 60), store / "models" / "task2", store / "results" / "task2")
+    assert tracking.tracking_uri() == f"sqlite:///{store / 'mlflow.db'}"
+    client = MlflowClient(tracking.tracking_uri())
+    exp = client.get_experiment_by_name(cfg.experiment)
+    assert exp.artifact_location == (store / "mlartifacts").as_uri()
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.run_name == "task2" and run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["dvc_stage"] == "train@task2" and tags["dvc_exp_name"] == "test-exp"
+    assert tags["device"] == "cpu" and tags["torch_version"] and "git_commit" in tags
+    params = run.data.params
+    assert params["lr"] == "0.05" and params["optimizer"] == "sgd" and params["batch_size"] == "32"
+    assert params["train.seed"] == "0" and params["input.size"] == "32" and params["mlflow.experiment"] == cfg.experiment
+    train_loss = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in train_loss] == list(range(1, metrics["steps"] + 1))
+    val = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in val] == [4, 8]
+    assert run.data.metrics["final_test_acc"] == pytest.approx(metrics["test_acc"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"curves.png", "checkpoint"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
+    # The logged model loads and predicts.
+    import mlflow
+    import numpy as np
+    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+    model = mlflow.pytorch.load_model(models[0].model_uri)
+    import torch
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    # Results written for DVC, pointing back at the run.
+    written = json.loads((store / "results" / "task2" / "train.json").read_text())
+    assert written["mlflow_run_id"] == run.info.run_id
+    assert (store / "results" / "task2" / "curves.csv").read_text().splitlines()[0] == "step,epoch,train_loss,val_loss,val_acc"
+    assert metrics["mlflow_logging_share"] < 0.5  # tiny runs; the real share is measured in bench/
+
+
+def test_temp_experiment_workspace_logs_into_the_real_repo(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"))
+    assert tracking.repo_root() == tmp_path
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_unreachable_server_fails_fast_with_one_line(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on port 9
+    started = time.time()
+    with pytest.raises(UserError, match=r"MLflow tracking store http://127\.0\.0\.1:9 is not usable .*unset MLFLOW_TRACKING_URI"):
+        tracking.connect("x")
+    assert time.time() - started < 60

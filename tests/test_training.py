@@ -1,0 +1,166 @@
+"""The one training loop: every run config, early stopping, best checkpoint, resume, errors."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, tiny_dataset, tiny_params, tiny_run
+
+from cifarcnn import training
+from cifarcnn.config import resolve_all, resolve_run
+from cifarcnn.errors import UserError
+from cifarcnn.training import BEST, RESUME, NonFiniteLoss, load_best_model, should_stop, train
+
+RUNS = list(resolve_all(tiny_params()))
+
+
+def test_params_yaml_holds_the_report_runs():
+    runs = resolve_all(tiny_params(max_epochs=None))
+    assert list(runs) == ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout",
+                          "task3e", "task4a"]
+    table = {n: (c.model, c.optimizer, c.lr, c.batch_size, c.epochs, c.early_stop_count) for n, c in runs.items()}
+    assert table["task2"] == ("task2", "sgd", 0.05, 64, 10, 4)
+    assert table["task3a_model1"] == ("task2", "adam", 0.00049, 64, 10, 4)
+    assert table["task3a_model2"] == ("task3_model2", "sgd", 0.15, 64, 10, 4)
+    assert table["task3d_dropout"] == ("task3_model2", "sgd", 0.15, 64, 10, None)
+    assert table["task3d_no_dropout"][4:] == (10, None) and runs["task3d_no_dropout"].model_params == {"dropout": False}
+    assert table["task3e"] == ("task3e", "adam", 0.0006, 32, 10, 4)  # lr from the top-level `lr`
+    assert table["task4a"] == ("resnet18_transfer", "adam", 0.0005, 32, 5, 4)
+    assert runs["task3e"].augment is not None and all(c.augment is None for n, c in runs.items() if n != "task3e")
+    assert runs["task4a"].input.size == 224 and runs["task2"].input.std == (0.25, 0.25, 0.25)
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_one_step_of_every_run(name, tmp_path):
+    """The real config of each run, on a batch and a few images: one optimisation step, then the final numbers."""
+    cfg = tiny_run(name, evals_per_epoch=1)
+    ds = tiny_dataset(n_train=int((cfg.batch_size + 6) / 0.9) + 1, n_test=20)
+    result = train(cfg, ds, tmp_path)
+    assert result.metrics["steps"] == 1
+    for split in ("train", "val", "test"):
+        assert 0.0 <= result.metrics[f"{split}_acc"] <= 1.0 and math.isfinite(result.metrics[f"{split}_loss"])
+    ckpt = torch.load(tmp_path / BEST, weights_only=True)
+    assert ckpt["config"]["name"] == name and ckpt["step"] == 1
+    assert not (tmp_path / RESUME).exists()
+
+
+@pytest.mark.parametrize("losses, stop_at", [
+    ([1.0, 0.9, 0.95, 0.97, 0.96], 5),  # oldest of the last 4 (0.9) is their minimum
+    ([1.0, 0.9, 0.8, 0.7, 0.6, 0.5], None),
+    ([1.0, 1.1, 1.2, 1.3], 4),
+    ([1.0, 0.9, 0.95, 0.85, 0.97, 0.96, 0.99], 7),
+])
+def test_early_stopping_rule(losses, stop_at):
+    stops = [i + 1 for i in range(len(losses)) if should_stop(losses[: i + 1], 4)]
+    assert (stops[0] if stops else None) == stop_at
+    assert not any(should_stop(losses[: i + 1], None) for i in range(len(losses)))
+
+
+def test_best_checkpoint_is_lowest_validation_loss(tmp_path):
+    cfg = tiny_run("task2", epochs=3, evals_per_epoch=4, early_stop_count=None, lr=0.01, batch_size=16)
+    result = train(cfg, tiny_dataset(300, 60), tmp_path)
+    vals = result.history.validations
+    best = min(vals, key=lambda v: v["val_loss"])
+    ckpt = torch.load(tmp_path / BEST, weights_only=True)
+    assert ckpt["step"] == best["step"] == result.metrics["best_step"]
+    assert result.metrics["val_loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert len(vals) == 12 and [v["step"] for v in vals] == list(range(4, 52, 4))
+
+
+def test_early_stopping_stops_the_run(tmp_path):
+    cfg = tiny_run("task2", epochs=30, evals_per_epoch=1, early_stop_count=2, lr=0.2, batch_size=16)
+    result = train(cfg, tiny_dataset(300, 60), tmp_path)
+    assert result.metrics["stopped_early"] and result.metrics["epochs_run"] < 30
+    assert should_stop([v["val_loss"] for v in result.history.validations], 2)
+
+
+def test_same_seed_same_numbers(tmp_path):
+    cfg = tiny_run("task3e", batch_size=32)  # dropout, batch norm and augmentation all draw randomness
+    a = train(cfg, tiny_dataset(200, 40), tmp_path / "a").metrics
+    b = train(cfg, tiny_dataset(200, 40), tmp_path / "b").metrics
+    assert {k: a[k] for k in a if "loss" in k or "acc" in k} == {k: b[k] for k in b if "loss" in k or "acc" in k}
+
+
+KILLABLE = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from helpers import tiny_run, tiny_dataset
+    from cifarcnn import training
+    slow = training.save_checkpoint
+    def save_then_sleep(path, payload):
+        slow(path, payload)
+        if path.name == "resume.pt":
+            time.sleep(0.5)  # give the test time to kill us right after a resume point
+    training.save_checkpoint = save_then_sleep
+    cfg = tiny_run("task3e", epochs=2, batch_size=16, evals_per_epoch=2, early_stop_count=None)
+    training.train(cfg, tiny_dataset(200, 40), {out!r})
+""")
+
+
+def test_resume_after_sigkill_gives_the_same_result(tmp_path):
+    """A run killed (SIGKILL) after a resume point, started again, ends exactly like an unbroken run."""
+    out = tmp_path / "killed"
+    script = KILLABLE.format(tests=str(Path(__file__).parent), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (out / RESUME).exists():
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline, "no resume checkpoint within 120 s"
+        time.sleep(0.05)
+    state = torch.load(out / RESUME, weights_only=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state["step"] < 2 * (180 // 16)  # killed before the end
+
+    cfg = tiny_run("task3e", epochs=2, batch_size=16, evals_per_epoch=2, early_stop_count=None)
+    resumed = train(cfg, tiny_dataset(200, 40), out)
+    assert resumed.resumed_from_step is not None and resumed.resumed_from_step >= state["step"]
+    unbroken = train(cfg, tiny_dataset(200, 40), tmp_path / "unbroken")
+    keys = [k for k in unbroken.metrics if k.endswith(("_acc", "_loss"))] + ["best_step", "steps"]
+    assert {k: resumed.metrics[k] for k in keys} == {k: unbroken.metrics[k] for k in keys}
+    assert resumed.history.losses == unbroken.history.losses
+    assert not (out / RESUME).exists()
+
+
+def test_resume_state_of_other_params_is_ignored(tmp_path, capsys):
+    cfg = tiny_run("task2", batch_size=32)
+    train(cfg, tiny_dataset(200, 40), tmp_path)
+    torch.save({"config": {"name": "other"}, "step": 3}, tmp_path / RESUME)
+    result = train(cfg, tiny_dataset(200, 40), tmp_path)
+    assert result.resumed_from_step is None
+    assert "ignoring" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    cfg = tiny_run("task2", epochs=5, lr=1e6, batch_size=16, evals_per_epoch=4)
+    with pytest.raises(NonFiniteLoss, match=r"runs\.task2: (training|validation) loss became (nan|inf) at step \d+"):
+        train(cfg, tiny_dataset(300, 60), tmp_path)
+
+
+def test_batch_larger_than_data_names_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"runs\.task2\.batch_size: 64 is larger than the 54 training images"):
+        train(tiny_run("task2"), tiny_dataset(60, 20), tmp_path)
+
+
+def test_load_best_model_round_trip(tmp_path):
+    cfg = tiny_run("task3d_no_dropout", batch_size=32)
+    result = train(cfg, tiny_dataset(200, 40), tmp_path)
+    model, loaded_cfg, ckpt = load_best_model(tmp_path / BEST)
+    assert loaded_cfg == cfg
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(model(x), result.model.eval()(x))
+
+
+def test_device_auto_falls_back_to_cpu():
+    assert training.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="train.device: cuda requested but no CUDA device"):
+            training.resolve_device("cuda")
