@@ -21,6 +21,8 @@ test: install  ## unit tests + the end-to-end smoke test on tiny generated data
 
 bench: install  ## data-loading and training-throughput benchmarks (needs data/cifar10.npz)
 	python bench/load_dataset.py
+	python bench/throughput.py
+	python bench/mlflow_logging.py
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -95,3 +95,13 @@ def tar_with_member(path: Path, name: str, data: bytes = b"x", symlink_to: str |
         else:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def stripes_photo(size: int = 224, period: int = 16) -> np.ndarray:
+    """An RGB photo of vertical black and white stripes over a green lower half."""
+    img = np.zeros((size, size, 3), np.uint8)
+    stripes = ((np.arange(size) // (period // 2)) % 2 * 255).astype(np.uint8)
+    img[:, :, :] = stripes[None, :, None]
+    img[size // 2:, :, 0] //= 3
+    img[size // 2:, :, 2] //= 3
+    return img

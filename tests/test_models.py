@@ -92,14 +92,14 @@ def test_imagenet_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError, match=r"weights not found: .*fetch https://download\.pytorch\.org/models/"
-                                        r"resnet18-f37072fd\.pth into data/resnet18-f37072fd\.pth"):
+                                        r"resnet18-f37072fd\.pth into data/pretrained/resnet18-f37072fd\.pth"):
         create_model("resnet18_transfer", weights="imagenet")
 
 
 def test_imagenet_weights_with_wrong_sha256_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "data" / "resnet18-f37072fd.pth")
+    (tmp_path / "data" / "pretrained").mkdir(parents=True)
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "data" / "pretrained" / "resnet18-f37072fd.pth")
     with pytest.raises(UserError, match="is not torchvision's f37072fd"):
         create_model("resnet18_transfer", weights="imagenet")
 

@@ -20,7 +20,6 @@ from .models import get_model_fn, model_params
 PARAMS_FILE = "params.yaml"
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
-_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")  # "${lr}": a top-level param
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
@@ -192,17 +191,21 @@ TRAIN_KEYS = {"seed", "max_epochs", "val_fraction", "split_seed", "evals_per_epo
 
 
 def _resolve_refs(value: Any, params: dict, where: str, follows: str) -> Any:
-    """Replace ``"${name}"`` by the top-level param ``name`` (the run must follow it)."""
-    if isinstance(value, dict):
-        return {k: _resolve_refs(v, params, f"{where}.{k}", follows) for k, v in value.items()}
-    if isinstance(value, str) and (m := _REF.match(value)):
-        name = m.group(1)
-        if name not in params:
-            raise UserError(f"{where}: refers to ${{{name}}}, which is not a top-level key of params.yaml")
+    """Replace ``{param: name}`` by the top-level param ``name`` (the run must follow it).
+
+    Not DVC's ``${name}``: `dvc exp run -S` would resolve that in params.yaml itself when it
+    rewrites the file, freezing the value.
+    """
+    if isinstance(value, dict) and set(value) == {"param"}:
+        name = value["param"]
+        if not isinstance(name, str) or name not in params:
+            raise UserError(f"{where}: refers to param {name!r}, which is not a top-level key of params.yaml")
         if name != follows:
-            raise UserError(f"{where}: refers to ${{{name}}} but the run follows {follows!r}; "
+            raise UserError(f"{where}: refers to param {name!r} but the run follows {follows!r}; "
                             f"set follows: {name} so DVC re-runs it when {name} changes")
         return params[name]
+    if isinstance(value, dict):
+        return {k: _resolve_refs(v, params, f"{where}.{k}", follows) for k, v in value.items()}
     return value
 
 
@@ -290,3 +293,37 @@ def resolve_data(params: dict) -> DataConfig:
     if md5 is not None and not (isinstance(md5, str) and re.fullmatch(r"[0-9a-fA-F]{32}", md5)):
         raise UserError(f"data.md5: expected 32 hex digits or null, got {md5!r}")
     return DataConfig(source, md5, _int(data["subset"], "data.subset", allow_none=True))
+
+
+@dataclass(frozen=True)
+class VizConfig:
+    image: str
+    image_sha256: str | None
+    filter_indices: list[int]
+    activation_indices: list[int]
+
+
+def resolve_viz(params: dict) -> VizConfig:
+    viz = _section(params, "viz")
+    keys = {"image", "image_sha256", "filter_indices", "activation_indices"}
+    _check_keys(viz, keys, "viz", required=keys)
+    image, sha = viz["image"], viz["image_sha256"]
+    if not isinstance(image, str) or not image:
+        raise UserError(f"viz.image: expected a URL or a local path, got {image!r}")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+        raise UserError(f"viz.image_sha256: expected 64 hex digits or null, got {sha!r}")
+    lists = {}
+    for key in ("filter_indices", "activation_indices"):
+        value = viz[key]
+        if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                                for i in value):
+            raise UserError(f"viz.{key}: expected a non-empty list of indices >= 0, got {value!r}")
+        lists[key] = value
+    return VizConfig(image, sha, **lists)
+
+
+def resolve_resnet_weights(params: dict) -> str:
+    value = params.get("resnet_weights")
+    if not isinstance(value, str) or not value:
+        raise UserError(f"resnet_weights: expected imagenet, none or a path to a .pth file, got {value!r}")
+    return value

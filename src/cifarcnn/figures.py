@@ -68,34 +68,38 @@ def task1a_convolution(image: np.ndarray, kernel: np.ndarray, result: np.ndarray
 
 # --- training curves (Figures 2-4, 6, 7) ---------------------------------------------------
 
-def rolling(values: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std over consecutive blocks of ``window`` steps; returns (block end, mean, std)."""
-    n = len(values) // window * window
+def loss_blocks(steps: list[int], losses: list[float], window: int = 50) -> dict[str, list]:
+    """Training loss as mean and std over consecutive blocks of ``window`` steps (the report's
+    "mean over 50 steps" with its band); ``step`` is each block's last step."""
+    n = len(losses) // window * window
     if n == 0:
-        return np.array([len(values)]), np.array([np.mean(values)]), np.array([0.0])
-    blocks = np.asarray(values[:n], dtype=float).reshape(-1, window)
-    return np.arange(1, len(blocks) + 1) * window, blocks.mean(1), blocks.std(1)
+        return {"step": list(steps[-1:]), "mean": [float(np.mean(losses))] if losses else [], "std": [0.0] if losses else []}
+    blocks = np.asarray(losses[:n], dtype=float).reshape(-1, window)
+    return {"step": [int(s) for s in np.asarray(steps)[window - 1:n:window]],
+            "mean": blocks.mean(1).tolist(), "std": blocks.std(1).tolist()}
 
 
-def final_accuracy_box(ax, metrics: dict) -> None:
-    text = ("Final Accuracy Results:\n"
+def _loss_band(ax, blocks: dict, label: str, color=None, window: int = 50) -> None:
+    x, mean, std = np.asarray(blocks["step"]), np.asarray(blocks["mean"]), np.asarray(blocks["std"])
+    ax.plot(x, mean, color=color, label=f"{label} (mean over {window} steps)")
+    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, label=f"{label} (± std over {window} steps)")
+
+
+def final_accuracy_box(ax, metrics: dict, heading: str = "Final Accuracy Results:", corner: str = "right") -> None:
+    text = (f"{heading}\n"
             f"    Training:   {metrics['train_acc']:.2%}\n"
             f"    Validation: {metrics['val_acc']:.2%}\n"
             f"    Test:       {metrics['test_acc']:.2%}")
-    ax.text(0.97, 0.03, text, transform=ax.transAxes, ha="right", va="bottom", family="monospace",
+    x = 0.97 if corner == "right" else 0.03
+    ax.text(x, 0.03, text, transform=ax.transAxes, ha=corner, va="bottom", family="monospace",
             fontsize=12, bbox={"facecolor": "white", "edgecolor": "0.6"})
 
 
-def training_curves(steps: list[int], losses: list[float], validations: list[dict], metrics: dict,
-                    title: str, path: str | Path, window: int = 50) -> Path:
-    """Left: training loss (mean ± std over ``window`` steps) and validation loss; right:
-    validation accuracy and the final accuracies of the best checkpoint."""
+def training_curves(blocks: dict, validations: list[dict], metrics: dict, title: str, path: str | Path) -> Path:
+    """Figures 2-4, 6, 7. Left: training loss (mean ± std over 50 steps) and validation loss;
+    right: validation accuracy and the final accuracies of the best checkpoint."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(16, 9))
-    steps_arr = np.asarray(steps)
-    x, mean, std = rolling(np.asarray(losses), window)
-    x = steps_arr[np.clip(x - 1, 0, len(steps_arr) - 1)] if len(steps_arr) else x
-    ax_loss.plot(x, mean, label=f"Training loss (mean over {window} steps)")
-    ax_loss.fill_between(x, mean - std, mean + std, alpha=0.2, label=f"Training loss (± std over {window} steps)")
+    _loss_band(ax_loss, blocks, "Training loss")
     v_steps = [v["step"] for v in validations]
     ax_loss.plot(v_steps, [v["val_loss"] for v in validations], label="Validation loss")
     ax_loss.set_title("Cross Entropy Loss")
@@ -107,4 +111,72 @@ def training_curves(steps: list[int], losses: list[float], validations: list[dic
     ax_acc.legend(loc="upper right")
     final_accuracy_box(ax_acc, metrics)
     fig.suptitle(title)
+    return save(fig, path)
+
+
+def dropout_comparison(with_dropout: dict, without: dict, path: str | Path) -> Path:
+    """Figure 5 (Task 3d): each dict holds ``blocks``, ``validations`` and ``metrics`` of a run."""
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(16, 9))
+    for run, label, color in ((with_dropout, "With Dropout", "C0"), (without, "Without Dropout", "C1")):
+        _loss_band(ax_train, run["blocks"], label, color)
+        ax_val.plot([v["step"] for v in run["validations"]], [v["val_loss"] for v in run["validations"]],
+                    color=color, label=label)
+    ax_train.set_title("Training Loss")
+    ax_val.set_title("Validation Loss")
+    for ax in (ax_train, ax_val):
+        ax.set_xlabel("training step")
+        ax.legend(loc="upper right")
+    final_accuracy_box(ax_train, without["metrics"], "Accuracy Results Without Dropout:", corner="left")
+    final_accuracy_box(ax_val, with_dropout["metrics"], "Accuracy Results With Dropout:")
+    return save(fig, path)
+
+
+def confusion(matrix: list[list[int]], classes: list[str], title: str, path: str | Path) -> Path:
+    """Test-set confusion matrix: colour by row share (recall), counts written in the cells."""
+    cm = np.asarray(matrix, dtype=float)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(9, 8))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    return save(fig, path)
+
+
+def first_layer_figure(filters: list[np.ndarray], activations: list[np.ndarray], indices: list[int],
+                       path: str | Path, title: str | None = None) -> Path:
+    """Figure 9 (Task 4b): each column a 7x7 filter (top) and its grayscale activation (bottom)."""
+    k = len(indices)
+    fig, axes = plt.subplots(2, k, figsize=(5 * k, 10), squeeze=False)
+    for col, (f, a, i) in enumerate(zip(filters, activations, indices)):
+        axes[0, col].imshow(f, interpolation="nearest")
+        axes[0, col].set_title(str(i), fontsize=20, fontweight="bold")
+        axes[1, col].imshow(a, cmap="gray")
+        for ax in axes[:, col]:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=16)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def last_layer_figure(activations: list[np.ndarray], indices: list[int], path: str | Path,
+                      title: str | None = None) -> Path:
+    """Figure 10 (Task 4c): layer4 activation maps (7x7), viridis like the report."""
+    k = len(indices)
+    fig, axes = plt.subplots(1, k, figsize=(3 * k, 3.4), squeeze=False)
+    for ax, a, i in zip(axes[0], activations, indices):
+        ax.imshow(a, cmap="viridis", interpolation="nearest")
+        ax.set_title(str(i), fontsize=14, fontweight="bold")
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return save(fig, path)

@@ -21,7 +21,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 # torchvision's ResNet18_Weights.IMAGENET1K_V1 file; the download stage fetches it here.
 RESNET18_IMAGENET_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
 RESNET18_IMAGENET_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"
-RESNET18_IMAGENET_FILE = Path("data/resnet18-f37072fd.pth")  # relative to the repo root
+RESNET18_IMAGENET_FILE = Path("data/pretrained/resnet18-f37072fd.pth")  # relative to the repo root
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -46,10 +46,15 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
         result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id})
         logging_seconds = run.seconds  # params + per-step/validation metrics, during training
         metrics = {**result.metrics, "mlflow_run_id": run.run_id,
-                   "resumed_from_step": result.resumed_from_step}
+                   "resumed_from_step": result.resumed_from_step,
+                   "data_source": str(cfg.data_params.get("source")), "data_subset": cfg.data_params.get("subset"),
+                   **({"resnet_weights": str(cfg.model_params["weights"])} if "weights" in cfg.model_params else {})}
         h = result.history
+        blocks = figures.loss_blocks(h.steps, h.losses)
+        write_text(results_dir / "train_loss.csv", "step,mean,std\n" + "".join(
+            f"{s},{m:.6g},{d:.6g}\n" for s, m, d in zip(blocks["step"], blocks["mean"], blocks["std"])))
         curves_png = figures.training_curves(
-            h.steps, h.losses, h.validations, metrics, f"{cfg.name}: {cfg.model}, {cfg.optimizer} lr {cfg.lr:g}, "
+            blocks, h.validations, metrics, f"{cfg.name}: {cfg.model}, {cfg.optimizer} lr {cfg.lr:g}, "
             f"batch {cfg.batch_size}", results_dir / "curves.png")
         write_text(results_dir / "curves.csv", curves_csv(h.validations))
         run.log_summary({k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))})

@@ -160,3 +160,21 @@ def run_tags(run_name: str, device: str) -> dict[str, str]:
         "torch_version": torch.__version__,
         "run": run_name,
     }
+
+
+def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: dict,
+                   artifacts: list[Path]) -> str:
+    """Log evaluation numbers into the training run; a new run if that one is not in this store."""
+    run = MlflowRun.start(experiment, run_name, {**run_tags(run_name, "eval"), "evaluation_only": "true"},
+                          resume_id=run_id)
+    if run.run_id != run_id:
+        print(f"MLflow run {run_id} of {run_name} is not in {tracking_uri()}; logging the evaluation "
+              f"into a new run {run.run_id}")
+    flat = {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}
+    flat.update({f"test_acc_{c}": v for c, v in metrics.get("test_class_acc", {}).items() if v is not None})
+    run.log_summary(flat, prefix="eval_")
+    for path in artifacts:
+        run.log_artifact(path, "evaluation")
+    if run.run_id != run_id:
+        run.finish()
+    return run.run_id

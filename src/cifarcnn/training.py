@@ -101,21 +101,27 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimi
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, prep: Preprocess) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over every image of ``split`` (eval mode)."""
+def predict(model: torch.nn.Module, split: Split, prep: Preprocess) -> tuple[float, torch.Tensor]:
+    """Mean cross-entropy over every image of ``split`` and the predicted classes (eval mode)."""
     was_training = model.training
     model.eval()
     batch = max(16, EVAL_BATCH * 32 * 32 // (prep.size * prep.size))
     loss_sum = torch.zeros((), device=split.y.device, dtype=torch.float64)
-    correct = torch.zeros((), device=split.y.device, dtype=torch.int64)
+    preds = []
     for idx in eval_batches(len(split), batch):
         idx = idx.to(split.y.device)
         logits = model(prep(split.x[idx]))
         loss_sum += F.cross_entropy(logits.float(), split.y[idx], reduction="sum").double()
-        correct += (logits.argmax(1) == split.y[idx]).sum()
+        preds.append(logits.argmax(1))
     model.train(was_training)
-    n = max(len(split), 1)
-    return float(loss_sum) / n, int(correct) / n
+    predictions = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=split.y.device)
+    return float(loss_sum) / max(len(split), 1), predictions
+
+
+def evaluate(model: torch.nn.Module, split: Split, prep: Preprocess) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy, counted per image (not averaged over batches)."""
+    loss, preds = predict(model, split, prep)
+    return loss, int((preds == split.y).sum()) / max(len(split), 1)
 
 
 def data_fingerprint(ds: Dataset) -> str:

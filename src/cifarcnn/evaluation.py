@@ -1,0 +1,47 @@
+"""Evaluate a best checkpoint: loss and accuracy per split, per-class accuracy, confusion matrix."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .batches import Preprocess, make_splits
+from .data import Dataset
+from .errors import UserError
+from .training import load_best_model, predict, resolve_device, use_channels_last
+
+
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts; rows are true classes, columns predicted classes."""
+    return np.bincount(labels * n_classes + preds, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def evaluate_checkpoint(best_path: str | Path, ds: Dataset, device_name: str = "auto") -> dict:
+    best_path = Path(best_path)
+    if not best_path.exists():
+        raise UserError(f"{best_path} does not exist; run its train stage first (dvc repro)")
+    model, cfg, ckpt = load_best_model(best_path)
+    if list(ckpt.get("classes", ds.classes)) != list(ds.classes):
+        raise UserError(f"{best_path} was trained on classes {ckpt['classes']}, the data has {ds.classes}; "
+                        "re-run its train stage")
+    device = resolve_device(device_name)
+    channels_last = use_channels_last(device, cfg.input.size)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    prep = Preprocess(cfg.input, device, channels_last)
+    splits = make_splits(ds, cfg.val_fraction, cfg.split_seed, device)
+    out: dict = {"run": cfg.name, "best_step": ckpt.get("step")}
+    for name, split in splits.items():
+        loss, preds = predict(model, split, prep)
+        labels, preds = split.y.cpu().numpy(), preds.cpu().numpy()
+        out[f"{name}_loss"] = loss
+        out[f"{name}_acc"] = float((labels == preds).mean()) if len(labels) else float("nan")
+        out[f"{name}_images"] = int(len(labels))
+        if name == "test":
+            cm = confusion_matrix(labels, preds, len(ds.classes))
+            totals = cm.sum(1)
+            out["test_class_acc"] = {c: float(cm[i, i] / totals[i]) if totals[i] else None
+                                     for i, c in enumerate(ds.classes)}
+            out["test_confusion"] = cm.tolist()
+    out["classes"] = list(ds.classes)
+    return out

@@ -1,0 +1,37 @@
+"""DVC stage `evaluate@<run>`: the best checkpoint on train / validation / test, per class.
+
+Writes results/<run>/eval.json and confusion.png, and logs both into the run's MLflow run
+(the id from results/<run>/train.json).
+"""
+import json
+import sys
+from pathlib import Path
+
+from cifarcnn import figures
+from cifarcnn.config import load_params
+from cifarcnn.data import Dataset
+from cifarcnn.errors import cli
+from cifarcnn.evaluation import evaluate_checkpoint
+from cifarcnn.fsutil import write_json
+from cifarcnn.tracking import log_evaluation
+
+
+@cli
+def main(run_name: str) -> None:
+    params = load_params()
+    results = Path("results") / run_name
+    metrics = evaluate_checkpoint(Path("models") / run_name / "best.pt", Dataset.load("data/cifar10.npz"),
+                                  params["train"]["device"])
+    png = figures.confusion(metrics["test_confusion"], metrics["classes"],
+                            f"{run_name}: test accuracy {metrics['test_acc']:.2%}", results / "confusion.png")
+    train_info = json.loads((results / "train.json").read_text())
+    metrics["mlflow_run_id"] = log_evaluation(params["mlflow"]["experiment"], run_name,
+                                              train_info.get("mlflow_run_id"), metrics, [png])
+    write_json(results / "eval.json", metrics)
+    print(f"{run_name}: train {metrics['train_acc']:.2%}, val {metrics['val_acc']:.2%}, test {metrics['test_acc']:.2%}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python stages/evaluate.py <run name from params.yaml>")
+    main(sys.argv[1])

@@ -1,0 +1,48 @@
+"""DVC stage `visualize`: Task 4b (conv1 filters + activations) and 4c (layer4 activations).
+
+Once on the ImageNet ResNet18 (as the report) and once on the fine-tuned task4a model.
+"""
+from pathlib import Path
+
+import torch
+
+from cifarcnn import figures
+from cifarcnn.assets import PHOTO
+from cifarcnn.config import load_params, resolve_resnet_weights, resolve_viz
+from cifarcnn.errors import cli
+from cifarcnn.fsutil import write_json
+from cifarcnn.models import create_model
+from cifarcnn.training import load_best_model
+from cifarcnn.visualize import visualize
+
+FIGURES = Path("reports/figures")
+TASK4A = Path("models/task4a/best.pt")
+
+
+@cli
+def main() -> None:
+    params = load_params()
+    viz, weights = resolve_viz(params), resolve_resnet_weights(params)
+    models = {"": (create_model("resnet18_transfer", weights=weights), f"ResNet18, {weights} weights")}
+    if TASK4A.exists():
+        models["_task4a"] = (load_best_model(TASK4A)[0], "ResNet18 fine-tuned on CIFAR-10 (task4a)")
+    summary = {"resnet_weights": weights, "filter_indices": viz.filter_indices,
+               "activation_indices": viz.activation_indices}
+    first_filters = {}
+    for suffix, (model, label) in models.items():
+        out = visualize(model, PHOTO, viz.filter_indices, viz.activation_indices)
+        figures.first_layer_figure(out["filters"], out["first_activations"], out["filter_indices"],
+                                   FIGURES / f"task4b_first_layer{suffix}.png", f"{label}: conv1 filters and activations")
+        figures.last_layer_figure(out["last_activations"], out["activation_indices"],
+                                  FIGURES / f"task4c_last_layer{suffix}.png",
+                                  f"{label}: layer4 activations ({'x'.join(map(str, out['last_shape']))})")
+        first_filters[suffix] = model.conv1.weight.detach()
+        summary[f"layer4_shape{suffix}"] = out["last_shape"]
+    if "_task4a" in first_filters and weights != "none":  # conv1 is frozen in task4a: it must not have moved
+        summary["conv1_unchanged_by_finetuning"] = bool(torch.equal(first_filters[""], first_filters["_task4a"]))
+    write_json(Path("results/visualize.json"), summary)
+    print(f"wrote {', '.join(str(FIGURES / f'task4{t}{s}.png') for s in models for t in ('b_first_layer', 'c_last_layer'))}")
+
+
+if __name__ == "__main__":
+    main()

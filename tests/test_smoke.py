@@ -1,0 +1,152 @@
+"""The CI smoke test of the design card: the real pipeline, end to end, on tiny generated data.
+
+Copies the project into a temporary git repo, points the download stage at a fixture archive
+served on 127.0.0.1, shrinks params (300 images, one epoch, resnet_weights: none) and runs
+`dvc repro`, `dvc repro` again (nothing re-runs) and `dvc exp run -S lr=0.001` (only the final
+model's chain re-runs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures import serve_directory, stripes_photo, write_archive
+from helpers import ROOT
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.smoke
+RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout", "task3e", "task4a"]
+
+
+def sh(args: list[str], cwd: Path, env: dict, timeout: int = 1500) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{output[-6000:]}"
+    return output
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A git repo holding the project's tracked files and shrunk params."""
+    work = tmp_path_factory.mktemp("smoke")
+    repo = work / "repo"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, files.split("\0")):
+        if (ROOT / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, repo / rel)
+    served = work / "served"
+    served.mkdir()
+    md5 = write_archive(served / "cifar-10-python.tar.gz", n_train=400, n_test=100)
+    from PIL import Image
+    Image.fromarray(stripes_photo()).save(served / "photo.png")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               GIT_AUTHOR_NAME="smoke", GIT_AUTHOR_EMAIL="smoke@example.com",
+               GIT_COMMITTER_NAME="smoke", GIT_COMMITTER_EMAIL="smoke@example.com", DVC_NO_ANALYTICS="1")
+    with serve_directory(served) as url:
+        # Edit the real file line by line: its comments and anchors are part of what DVC rewrites.
+        text = (repo / "params.yaml").read_text()
+        for key, value in [("source", f"{url}/cifar-10-python.tar.gz"), ("md5", md5), ("subset", "300"),
+                           ("max_epochs", "1"), ("resnet_weights", "none"), ("image", f"{url}/photo.png")]:
+            text, n = re.subn(rf"^(\s*{key}:) \S+", rf"\g<1> {value}", text, count=1, flags=re.M)
+            assert n == 1, key
+        (repo / "params.yaml").write_text(text)
+        sh(["git", "init", "-q"], repo, env)
+        sh(["git", "add", "-A"], repo, env)
+        sh(["git", "commit", "-qm", "smoke"], repo, env)
+        first = sh(["dvc", "repro"], repo, env)
+        yield repo, env, first
+
+
+def test_repro_runs_every_stage(project):
+    repo, env, first = project
+    ran = ran_stages(first)
+    assert "download" in ran and all(f"train@{run}" in ran and f"evaluate@{run}" in ran for run in RUNS), ran
+    assert {"calculations", "visualize", "report"} <= set(ran) or "calculations" not in ran, ran
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cifar10-cnn-report")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == set(RUNS)
+    for name in RUNS:
+        metrics = json.loads((repo / "results" / name / "train.json").read_text())
+        assert 0 <= metrics["test_acc"] <= 1 and metrics["n_train"] == 270 and metrics["n_test"] == 60
+        run = runs[name]
+        assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert run.data.metrics["final_test_acc"] == pytest.approx(metrics["test_acc"])
+        assert run.data.params["run"] == name
+        assert (repo / "models" / name / "best.pt").exists()
+        assert (repo / "results" / name / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_second_repro_runs_nothing(project):
+    repo, env, _ = project
+    again = sh(["dvc", "repro"], repo, env)
+    assert ran_stages(again) == []
+    status = sh(["dvc", "status"], repo, env)
+    assert "up to date" in status
+
+
+def test_exp_run_with_lr_reruns_only_the_final_model(project):
+    repo, env, _ = project
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("cifar10-cnn-report").experiment_id
+    before = len(client.search_runs([exp_id]))
+    out = sh(["dvc", "exp", "run", "-S", "lr=0.001"], repo, env)
+    ran = ran_stages(out)
+    assert "train@task3e" in ran
+    assert not [s for s in ran if s.startswith("train@") and s != "train@task3e"], ran
+    assert "download" not in ran
+    runs = client.search_runs([exp_id], order_by=["attributes.start_time DESC"])
+    assert len(runs) == before + 1
+    newest = runs[0]
+    assert newest.info.run_name == "task3e" and newest.data.params["lr"] == "0.001"
+    assert newest.data.tags["dvc_exp_name"]  # the DVC experiment that made it
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["lr"] == 0.001 and params["runs"]["task3e"]["lr"] == {"param": "lr"}  # reference kept
+    shown = json.loads(sh(["dvc", "exp", "show", "--json"], repo, env))
+    text = json.dumps(shown)
+    assert '"lr": 0.001' in text and "test_acc" in text
+
+
+def test_report_is_complete(project):
+    repo, env, _ = project
+    report = (repo / "reports" / "report.md").read_text()
+    for heading in ["Task 1g", "Task 2", "Task 3b", "Task 3d", "Task 3e", "Task 4a", "Task 4b", "Task 4c"]:
+        assert f"## {heading}" in report, heading
+    table_rows = [line for line in report.splitlines() if line.startswith("|")]
+    assert len(table_rows) > 30
+    for line in table_rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert all(cells), f"empty cell in {line}"
+        assert not any(c.lower() in ("nan", "none") or "nan%" in c.lower() for c in cells), line
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(images) >= 12
+    for rel in images:
+        assert (repo / "reports" / rel).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), rel
+
+
+def test_mlflow_runs_hold_evaluation_metrics(project):
+    repo, env, _ = project
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cifar10-cnn-report")
+    for run in client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'task2'"):
+        evaluation = json.loads((repo / "results" / "task2" / "eval.json").read_text())
+        if run.info.run_id == evaluation["mlflow_run_id"]:
+            assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])
+            assert "eval_test_acc_cat" in run.data.metrics
+            assert [a.path for a in client.list_artifacts(run.info.run_id, "evaluation")] == ["evaluation/confusion.png"]
+            break
+    else:
+        raise AssertionError("no task2 run holds the evaluation")
