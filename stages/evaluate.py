@@ -1,7 +1,8 @@
 """DVC stage `evaluate@<run>`: the best checkpoint on train / validation / test, per class.
 
-Writes results/<run>/eval.json and confusion.png, and logs both into the run's MLflow run
-(the id from results/<run>/train.json).
+Writes results/<run>/eval.json, the training-curves figure (curves.png, the report's style)
+and confusion.png, and logs all three into the run's MLflow run (the id from train.json).
+Drawing here, not in the train stage, means a change to a plot never re-trains a model.
 """
 import json
 import sys
@@ -13,6 +14,7 @@ from cifarcnn.data import Dataset
 from cifarcnn.errors import cli
 from cifarcnn.evaluation import evaluate_checkpoint
 from cifarcnn.fsutil import write_json
+from cifarcnn.report import load_curves
 from cifarcnn.tracking import log_evaluation
 
 
@@ -22,11 +24,16 @@ def main(run_name: str) -> None:
     results = Path("results") / run_name
     metrics = evaluate_checkpoint(Path("models") / run_name / "best.pt", Dataset.load("data/cifar10.npz"),
                                   params["train"]["device"])
-    png = figures.confusion(metrics["test_confusion"], metrics["classes"],
-                            f"{run_name}: test accuracy {metrics['test_acc']:.2%}", results / "confusion.png")
     train_info = json.loads((results / "train.json").read_text())
+    curves = load_curves(results)
+    pngs = [
+        figures.training_curves(curves["blocks"], curves["validations"], metrics, train_info.get("title", run_name),
+                                results / "curves.png"),
+        figures.confusion(metrics["test_confusion"], metrics["classes"],
+                          f"{run_name}: test accuracy {metrics['test_acc']:.2%}", results / "confusion.png"),
+    ]
     metrics["mlflow_run_id"] = log_evaluation(params["mlflow"]["experiment"], run_name,
-                                              train_info.get("mlflow_run_id"), metrics, [png])
+                                              train_info.get("mlflow_run_id"), metrics, pngs)
     write_json(results / "eval.json", metrics)
     print(f"{run_name}: train {metrics['train_acc']:.2%}, val {metrics['val_acc']:.2%}, test {metrics['test_acc']:.2%}")
 

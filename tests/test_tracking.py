@@ -43,7 +43,7 @@ def test_training_run_contents(store):
     assert [m.step for m in val] == [4, 8]
     assert run.data.metrics["final_test_acc"] == pytest.approx(metrics["test_acc"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"curves.png", "checkpoint"} <= artifacts
+    assert "checkpoint" in artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
     # The logged model loads and predicts.
     import mlflow
@@ -58,6 +58,41 @@ def test_training_run_contents(store):
     assert written["mlflow_run_id"] == run.info.run_id
     assert (store / "results" / "task2" / "curves.csv").read_text().splitlines()[0] == "step,epoch,train_loss,val_loss,val_acc"
     assert metrics["mlflow_logging_share"] < 0.5  # tiny runs; the real share is measured in bench/
+
+
+def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
+    """The evaluate stage script, as DVC runs it: figures and eval metrics join the training run."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, tiny_params, write_params
+
+    monkeypatch.chdir(store)
+    write_params(store / "params.yaml", tiny_params())
+    ds = tiny_dataset(300, 60)
+    ds.save(store / "data" / "cifar10.npz")
+    cfg = tiny_run("task2", batch_size=32, evals_per_epoch=2)
+    trained = train_and_track(cfg, ds, store / "models" / "task2", store / "results" / "task2")
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2"], cwd=store,
+                          capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr
+    evaluation = json.loads((store / "results" / "task2" / "eval.json").read_text())
+    assert evaluation["mlflow_run_id"] == trained["mlflow_run_id"]
+    assert evaluation["test_acc"] == pytest.approx(trained["test_acc"])
+    client = MlflowClient(tracking.tracking_uri())
+    run = client.get_run(trained["mlflow_run_id"])
+    assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])
+    assert {"curves.png", "confusion.png", "checkpoint"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    for name in ("curves.png", "confusion.png"):
+        assert (store / "results" / "task2" / name).read_bytes().startswith(b"\x89PNG")
+    # A store that lost the run: the evaluation goes to a new run, with a message, not a failure.
+    (store / "mlflow.db").unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2"], cwd=store,
+                          capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr
+    assert f"MLflow run {trained['mlflow_run_id']} of task2 is not in" in proc.stdout
+    assert json.loads((store / "results" / "task2" / "eval.json").read_text())["mlflow_run_id"] != trained["mlflow_run_id"]
 
 
 def test_temp_experiment_workspace_logs_into_the_real_repo(monkeypatch, tmp_path):

@@ -68,17 +68,6 @@ def task1a_convolution(image: np.ndarray, kernel: np.ndarray, result: np.ndarray
 
 # --- training curves (Figures 2-4, 6, 7) ---------------------------------------------------
 
-def loss_blocks(steps: list[int], losses: list[float], window: int = 50) -> dict[str, list]:
-    """Training loss as mean and std over consecutive blocks of ``window`` steps (the report's
-    "mean over 50 steps" with its band); ``step`` is each block's last step."""
-    n = len(losses) // window * window
-    if n == 0:
-        return {"step": list(steps[-1:]), "mean": [float(np.mean(losses))] if losses else [], "std": [0.0] if losses else []}
-    blocks = np.asarray(losses[:n], dtype=float).reshape(-1, window)
-    return {"step": [int(s) for s in np.asarray(steps)[window - 1:n:window]],
-            "mean": blocks.mean(1).tolist(), "std": blocks.std(1).tolist()}
-
-
 def _loss_band(ax, blocks: dict, label: str, color=None, window: int = 50) -> None:
     x, mean, std = np.asarray(blocks["step"]), np.asarray(blocks["mean"]), np.asarray(blocks["std"])
     ax.plot(x, mean, color=color, label=f"{label} (mean over {window} steps)")
@@ -108,7 +97,7 @@ def training_curves(blocks: dict, validations: list[dict], metrics: dict, title:
     ax_acc.plot(v_steps, [v["val_acc"] for v in validations], label="Validation Accuracy")
     ax_acc.set_title("Accuracy")
     ax_acc.set_xlabel("training step")
-    ax_acc.legend(loc="upper right")
+    ax_acc.legend(loc="upper left")
     final_accuracy_box(ax_acc, metrics)
     fig.suptitle(title)
     return save(fig, path)

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import figures
 from .config import RunConfig
 from .data import Dataset
 from .fsutil import write_json, write_text
@@ -48,17 +47,14 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
         metrics = {**result.metrics, "mlflow_run_id": run.run_id,
                    "resumed_from_step": result.resumed_from_step,
                    "data_source": str(cfg.data_params.get("source")), "data_subset": cfg.data_params.get("subset"),
+                   "title": f"{cfg.name}: {cfg.model}, {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}",
                    **({"resnet_weights": str(cfg.model_params["weights"])} if "weights" in cfg.model_params else {})}
         h = result.history
-        blocks = figures.loss_blocks(h.steps, h.losses)
+        blocks = h.loss_blocks()
         write_text(results_dir / "train_loss.csv", "step,mean,std\n" + "".join(
             f"{s},{m:.6g},{d:.6g}\n" for s, m, d in zip(blocks["step"], blocks["mean"], blocks["std"])))
-        curves_png = figures.training_curves(
-            blocks, h.validations, metrics, f"{cfg.name}: {cfg.model}, {cfg.optimizer} lr {cfg.lr:g}, "
-            f"batch {cfg.batch_size}", results_dir / "curves.png")
         write_text(results_dir / "curves.csv", curves_csv(h.validations))
         run.log_summary({k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))})
-        run.log_artifact(curves_png)
         run.log_artifact(model_dir / BEST, "checkpoint")
         model = result.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
         example = np.zeros((2, 3, cfg.input.size, cfg.input.size), dtype=np.float32)

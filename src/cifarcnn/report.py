@@ -1,6 +1,8 @@
 """Markdown for the generated reports: Task 1 and the results report."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from .convmath import parameter_table

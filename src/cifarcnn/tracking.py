@@ -174,7 +174,7 @@ def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: 
     flat.update({f"test_acc_{c}": v for c, v in metrics.get("test_class_acc", {}).items() if v is not None})
     run.log_summary(flat, prefix="eval_")
     for path in artifacts:
-        run.log_artifact(path, "evaluation")
+        run.log_artifact(path)
     if run.run_id != run_id:
         run.finish()
     return run.run_id

@@ -59,6 +59,17 @@ class History:
     def to_dict(self) -> dict:
         return {"steps": self.steps, "losses": self.losses, "validations": self.validations}
 
+    def loss_blocks(self, window: int = 50) -> dict[str, list]:
+        """Training loss as mean and std over consecutive blocks of ``window`` steps (the
+        report's "mean over 50 steps" and its band); ``step`` is each block's last step."""
+        n = len(self.losses) // window * window
+        if n == 0:
+            return {"step": self.steps[-1:], "mean": [float(np.mean(self.losses))] if self.losses else [],
+                    "std": [0.0] if self.losses else []}
+        blocks = np.asarray(self.losses[:n], dtype=float).reshape(-1, window)
+        return {"step": [int(s) for s in self.steps[window - 1:n:window]],
+                "mean": blocks.mean(1).tolist(), "std": blocks.std(1).tolist()}
+
 
 def should_stop(val_losses: list[float], count: int | None) -> bool:
     """Early stopping: the oldest of the last ``count`` validation losses is their minimum."""
@@ -105,7 +116,8 @@ def predict(model: torch.nn.Module, split: Split, prep: Preprocess) -> tuple[flo
     """Mean cross-entropy over every image of ``split`` and the predicted classes (eval mode)."""
     was_training = model.training
     model.eval()
-    batch = max(16, EVAL_BATCH * 32 * 32 // (prep.size * prep.size))
+    scale = 8 if split.y.device.type == "cuda" else 1  # a GPU wants bigger batches
+    batch = max(16, scale * EVAL_BATCH * 32 * 32 // (prep.size * prep.size))
     loss_sum = torch.zeros((), device=split.y.device, dtype=torch.float64)
     preds = []
     for idx in eval_batches(len(split), batch):

@@ -30,7 +30,7 @@ def load_photo(path: str | Path, size: int = PHOTO_SIZE) -> tuple[np.ndarray, to
         raise UserError(f"viz.image: {path} does not exist; run `dvc repro download` or set viz.image") from None
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"viz.image: {path} is not an image PIL can read ({err})") from err
-    pixels = np.asarray(rgb, dtype=np.uint8)
+    pixels = np.array(rgb, dtype=np.uint8)  # a writable copy
     x = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0)
     x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return pixels, x.unsqueeze(0)
