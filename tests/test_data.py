@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from fixtures import CLASSES, serve_directory, tar_with_member, write_archive, write_image_folder, write_pickle_folder
 
+from helpers import tiny_params, write_params
+
 from cifarcnn import fetch as fetch_mod
 from cifarcnn.data import Dataset, prepare, take_subset
 from cifarcnn.errors import UserError
@@ -221,7 +223,9 @@ def test_bad_input_is_one_clear_error_and_no_output(tmp_path, case):
 def test_stage_script_prints_one_line_and_exits_2(tmp_path):
     """The real stage script, run as DVC runs it, on a corrupted archive."""
     (tmp_path / "bad.tar.gz").write_bytes(b"\x1f\x8b garbage")
-    (tmp_path / "params.yaml").write_text(f"data:\n  source: {tmp_path / 'bad.tar.gz'}\n  md5: null\n  subset: null\n")
+    params = tiny_params()
+    params["data"].update(source=str(tmp_path / "bad.tar.gz"), md5=None)
+    write_params(tmp_path / "params.yaml", params)
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "download.py")], cwd=tmp_path,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert proc.returncode == 2
