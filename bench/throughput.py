@@ -9,10 +9,13 @@ second of full optimisation steps (forward, backward, step) fed three ways:
               original's way; 2 worker processes as in the original).
 
 Goals: ours / tensors >= 0.95 for task2 and >= 0.9 for task3e on CPU; ours > dataloader.
-Usage: python bench/throughput.py [steps]   (synthetic images: speed does not depend on content)
+"tensors" and "ours" are timed in alternating rounds on the same model and the median round
+counts, so drift (turbo, other load) hits both alike.
+Usage: python bench/throughput.py [steps per round] [rounds]   (synthetic images)
 """
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 
@@ -39,26 +42,27 @@ class PilDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def timed_steps(model, optimizer, batches, warmup: int = 3) -> float:
-    """Images per second over the batches after ``warmup`` of them."""
-    n_images, started = 0, None
-    for i, (x, y) in enumerate(batches):
+def timed_steps(model, optimizer, batches, steps: int, warmup: int = 0) -> float:
+    """Images per second over ``steps`` optimisation steps drawn from ``batches`` (after ``warmup``)."""
+    n_images, started = 0, time.perf_counter()
+    for i in range(warmup + steps):
         if i == warmup:
             started = time.perf_counter()
+        x, y = next(batches)
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if started is not None:
+        if i >= warmup:
             n_images += len(y)
-    return n_images / (time.perf_counter() - started)
+    return n_images / max(time.perf_counter() - started, 1e-9)
 
 
-def bench_run(name: str, steps: int) -> dict:
+def bench_run(name: str, steps: int, rounds: int) -> dict:
     cfg = resolve_run(load_params(), name)
     device = resolve_device("auto")
     torch.manual_seed(0)
-    n = cfg.batch_size * (steps + 3)
+    n = cfg.batch_size * (steps * rounds + 3)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=n)
@@ -77,11 +81,17 @@ def bench_run(name: str, steps: int) -> dict:
     y0 = split.y[: cfg.batch_size]
     result = {"run": name, "batch": cfg.batch_size, "device": str(device)}
     model, opt = fresh()
-    result["tensors"] = timed_steps(model, opt, ((x0, y0) for _ in range(steps + 3)))
-    model, opt = fresh()
     order = epoch_batches(n, cfg.batch_size, torch.Generator().manual_seed(0))
-    result["ours"] = timed_steps(model, opt, ((prep(split.x[idx.to(device)], cfg.augment, gen), split.y[idx.to(device)])
-                                              for idx in order))
+    tensors = iter(lambda: (x0, y0), None)
+    ours = ((prep(split.x[idx.to(device)], cfg.augment, gen), split.y[idx.to(device)]) for idx in order)
+    timed_steps(model, opt, tensors, 0, warmup=3)
+    timed_steps(model, opt, ours, 0, warmup=3)
+    per_round = {"tensors": [], "ours": []}
+    for _ in range(rounds):
+        per_round["tensors"].append(timed_steps(model, opt, tensors, steps))
+        per_round["ours"].append(timed_steps(model, opt, ours, steps))
+    result["tensors"] = statistics.median(per_round["tensors"])
+    result["ours"] = statistics.median(per_round["ours"])
     transforms = []
     if cfg.augment is not None:
         a = cfg.augment
@@ -93,17 +103,16 @@ def bench_run(name: str, steps: int) -> dict:
     loader = torch.utils.data.DataLoader(PilDataset(images, labels, T.Compose(transforms)), batch_size=cfg.batch_size,
                                          shuffle=True, drop_last=True, num_workers=2, persistent_workers=False)
     model, opt = fresh()
-    result["dataloader"] = timed_steps(model, opt, ((x.to(device, memory_format=memory_format), y.to(device))
-                                                    for x, y in loader))
+    loaded = ((x.to(device, memory_format=memory_format), y.to(device)) for x, y in loader)
+    result["dataloader"] = timed_steps(model, opt, loaded, steps * 2, warmup=3)
     result["ours_over_tensors"] = result["ours"] / result["tensors"]
     result["ours_over_dataloader"] = result["ours"] / result["dataloader"]
     return result
 
 
-def main(steps: int = 60) -> None:
-    torch.set_num_threads(torch.get_num_threads())
+def main(steps: int = 20, rounds: int = 5) -> None:
     for name in ("task2", "task3e"):
-        r = bench_run(name, steps)
+        r = bench_run(name, steps, rounds)
         print(f"{r['run']:7s} batch {r['batch']:3d} on {r['device']}: tensors {r['tensors']:7.1f} img/s, "
               f"ours {r['ours']:7.1f} img/s, PIL DataLoader {r['dataloader']:7.1f} img/s | "
               f"ours/tensors {r['ours_over_tensors']:.3f}, ours/DataLoader {r['ours_over_dataloader']:.2f}",
@@ -111,4 +120,4 @@ def main(steps: int = 60) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:2]))
+    main(*(int(a) for a in sys.argv[1:3]))

@@ -68,17 +68,37 @@ def test_each_op_equals_torchvision_functional():
     angles = torch.tensor([-10.0, -3.3, 0.0, 5.0, 9.9, 45.0])
     ref = torch.stack([TF.rotate(x[i], float(a), interpolation=TF.InterpolationMode.NEAREST) for i, a in enumerate(angles)])
     torch.testing.assert_close(A.rotate(x, angles), ref, atol=1e-6, rtol=0)
-    factors = torch.tensor([0.5, 0.8, 1.0, 1.2, 1.5, 0.7])
     shifts = torch.tensor([-0.5, -0.2, 0.0, 0.1, 0.3, 0.5])
-    for op, ref_fn, f in [(A.adjust_brightness, TF.adjust_brightness, factors),
-                          (A.adjust_contrast, TF.adjust_contrast, factors),
-                          (A.adjust_saturation, TF.adjust_saturation, factors),
-                          (A.adjust_hue, TF.adjust_hue, shifts)]:
-        ref = torch.stack([ref_fn(x[i], float(f[i])) for i in range(6)])
-        torch.testing.assert_close(op(x, f), ref, atol=1e-5, rtol=0)
+    ref = torch.stack([TF.adjust_hue(x[i], float(shifts[i])) for i in range(6)])
+    torch.testing.assert_close(A.adjust_hue(x, shifts), ref, atol=1e-5, rtol=0)
     flips = torch.tensor([True, False, True, False, False, True])
     ref = torch.stack([TF.hflip(x[i]) if flips[i] else x[i] for i in range(6)])
     assert torch.equal(A.hflip(x, flips), ref)
+
+
+@pytest.mark.parametrize("spec_kwargs", [
+    {"brightness": 0.5, "contrast": 0.5, "saturation": 0.5, "hue": 0.5},
+    {"brightness": 0.0, "contrast": 0.8, "saturation": 0.0, "hue": 0.2},  # disabled ops are skipped
+])
+def test_color_jitter_equals_torchvision_per_image_with_the_same_draws(spec_kwargs):
+    """Same factors and order as ColorJitter would draw for each image -> the same pixels."""
+    spec = AugmentSpec(**{**SPEC_NONE, **spec_kwargs})
+    n = 24
+    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    out = A.color_jitter(x, spec, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)  # replay the draws in color_jitter's order
+    ranges = [(max(0, 1 - spec.brightness), 1 + spec.brightness), (max(0, 1 - spec.contrast), 1 + spec.contrast),
+              (max(0, 1 - spec.saturation), 1 + spec.saturation), (-spec.hue, spec.hue)]
+    factors = [torch.rand(n, generator=g) * (hi - lo) + lo for lo, hi in ranges]
+    order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
+    enabled = [spec.brightness > 0, spec.contrast > 0, spec.saturation > 0, spec.hue > 0]
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(n):
+        ref = x[i]
+        for op in order[i].tolist():
+            if enabled[op]:
+                ref = ops[op](ref, float(factors[op][i]))
+        torch.testing.assert_close(out[i], ref, atol=2e-5, rtol=0)
 
 
 def test_parameters_differ_per_image():
