@@ -51,7 +51,13 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
     try:
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            exp_id = client.create_experiment(experiment, artifact_location=artifact_location())
+            try:
+                exp_id = client.create_experiment(experiment, artifact_location=artifact_location())
+            except Exception:  # noqa: BLE001 - a parallel stage (dvc exp run -j 2) created it first
+                found = client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                exp_id = found.experiment_id
         else:
             exp_id = found.experiment_id
     except Exception as err:  # noqa: BLE001 - any failure here means "no usable store"
