@@ -68,9 +68,14 @@ def task1a_convolution(image: np.ndarray, kernel: np.ndarray, result: np.ndarray
 
 # --- training curves (Figures 2-4, 6, 7) ---------------------------------------------------
 
+def _marker(points: int) -> str | None:
+    """Dots for series of one or two points (a tiny run), which a bare line would not show."""
+    return "o" if points < 3 else None
+
+
 def _loss_band(ax, blocks: dict, label: str, color=None, window: int = 50) -> None:
     x, mean, std = np.asarray(blocks["step"]), np.asarray(blocks["mean"]), np.asarray(blocks["std"])
-    ax.plot(x, mean, color=color, label=f"{label} (mean over {window} steps)")
+    ax.plot(x, mean, color=color, marker=_marker(len(x)), label=f"{label} (mean over {window} steps)")
     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, label=f"{label} (± std over {window} steps)")
 
 
@@ -80,8 +85,8 @@ def final_accuracy_box(ax, metrics: dict, heading: str = "Final Accuracy Results
             f"    Validation: {metrics['val_acc']:.2%}\n"
             f"    Test:       {metrics['test_acc']:.2%}")
     x = 0.97 if corner == "right" else 0.03
-    ax.text(x, 0.03, text, transform=ax.transAxes, ha=corner, va="bottom", family="monospace",
-            fontsize=12, bbox={"facecolor": "white", "edgecolor": "0.6"})
+    ax.text(x, 0.03, text, transform=ax.transAxes, ha=corner, va="bottom", multialignment="left",
+            family="monospace", fontsize=12, bbox={"facecolor": "white", "edgecolor": "0.6"})
 
 
 def training_curves(blocks: dict, validations: list[dict], metrics: dict, title: str, path: str | Path) -> Path:
@@ -90,11 +95,12 @@ def training_curves(blocks: dict, validations: list[dict], metrics: dict, title:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(16, 9))
     _loss_band(ax_loss, blocks, "Training loss")
     v_steps = [v["step"] for v in validations]
-    ax_loss.plot(v_steps, [v["val_loss"] for v in validations], label="Validation loss")
+    ax_loss.plot(v_steps, [v["val_loss"] for v in validations], marker=_marker(len(v_steps)), label="Validation loss")
     ax_loss.set_title("Cross Entropy Loss")
     ax_loss.set_xlabel("training step")
     ax_loss.legend(loc="upper right")
-    ax_acc.plot(v_steps, [v["val_acc"] for v in validations], label="Validation Accuracy")
+    ax_acc.plot(v_steps, [v["val_acc"] for v in validations], marker=_marker(len(v_steps)),
+                label="Validation Accuracy")
     ax_acc.set_title("Accuracy")
     ax_acc.set_xlabel("training step")
     ax_acc.legend(loc="upper left")
@@ -109,7 +115,7 @@ def dropout_comparison(with_dropout: dict, without: dict, path: str | Path) -> P
     for run, label, color in ((with_dropout, "With Dropout", "C0"), (without, "Without Dropout", "C1")):
         _loss_band(ax_train, run["blocks"], label, color)
         ax_val.plot([v["step"] for v in run["validations"]], [v["val_loss"] for v in run["validations"]],
-                    color=color, label=label)
+                    color=color, marker=_marker(len(run["validations"])), label=label)
     ax_train.set_title("Training Loss")
     ax_val.set_title("Validation Loss")
     for ax in (ax_train, ax_val):
