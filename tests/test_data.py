@@ -41,7 +41,7 @@ def test_archive_over_http_round_trip(tmp_path):
     np.testing.assert_array_equal(ds.test_x, test_x)
     np.testing.assert_array_equal(ds.test_y, test_y)
     # The verified download is cached: a second prepare works with the server gone.
-    prepare(f"http://127.0.0.1:9/cifar-10-python.tar.gz", md5, None, out, tmp_path / "out" / "downloads")
+    prepare("http://127.0.0.1:9/cifar-10-python.tar.gz", md5, None, out, tmp_path / "out" / "downloads")
 
 
 def test_wrong_md5_fails_and_leaves_nothing(tmp_path):

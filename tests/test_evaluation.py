@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from fixtures import serve_directory, stripes_photo
 from helpers import tiny_dataset, tiny_run
 from PIL import Image

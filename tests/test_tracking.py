@@ -47,7 +47,6 @@ def test_training_run_contents(store):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
     # The logged model loads and predicts.
     import mlflow
-    import numpy as np
     models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     assert [m.source_run_id for m in models] == [run.info.run_id]
     model = mlflow.pytorch.load_model(models[0].model_uri)

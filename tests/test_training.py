@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, tiny_dataset, tiny_params, tiny_run
+from helpers import tiny_dataset, tiny_params, tiny_run
 
 from cifarcnn import training
-from cifarcnn.config import resolve_all, resolve_run
+from cifarcnn.config import resolve_all
 from cifarcnn.errors import UserError
 from cifarcnn.training import BEST, RESUME, NonFiniteLoss, load_best_model, should_stop, train
 

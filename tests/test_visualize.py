@@ -10,7 +10,7 @@ from PIL import Image
 from cifarcnn import figures
 from cifarcnn.errors import UserError
 from cifarcnn.models import create_model
-from cifarcnn.visualize import first_layer, last_conv_layer, load_photo, minmax, visualize
+from cifarcnn.visualize import first_layer, load_photo, minmax, visualize
 
 
 @pytest.fixture(scope="module")
