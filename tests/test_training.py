@@ -164,3 +164,26 @@ def test_device_auto_falls_back_to_cpu():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="train.device: cuda requested but no CUDA device"):
             training.resolve_device("cuda")
+
+
+def test_resume_after_the_stopping_validation_does_not_train_on(tmp_path, monkeypatch):
+    """Killed between the validation that triggered early stopping and the end of the run."""
+    cfg = tiny_run("task2", epochs=30, evals_per_epoch=1, early_stop_count=2, lr=0.2, batch_size=16)
+    ds = tiny_dataset(300, 60)
+    finished = train(cfg, ds, tmp_path / "a")
+    assert finished.metrics["stopped_early"]
+    real_unlink = Path.unlink
+
+    def crash_instead_of_cleanup(self, missing_ok=False):
+        if self.name == RESUME:
+            raise KeyboardInterrupt  # "killed" just before the resume state would be removed
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", crash_instead_of_cleanup)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, ds, tmp_path / "b")
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    resumed = train(cfg, ds, tmp_path / "b")
+    assert resumed.resumed_from_step == finished.metrics["steps"]
+    assert resumed.metrics["steps"] == finished.metrics["steps"] and resumed.metrics["stopped_early"]
+    assert resumed.metrics["test_acc"] == finished.metrics["test_acc"]

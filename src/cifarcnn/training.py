@@ -235,7 +235,8 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     step = start_step
     pending_steps: list[int] = []
     pending_losses: list[torch.Tensor] = []
-    stopped_early = False
+    # A run killed right after the validation that stopped it must not train on when resumed.
+    stopped_early = should_stop([v["val_loss"] for v in history.validations], cfg.early_stop_count)
     aug_gen = torch.Generator(device=device)
     started = time.perf_counter()
 
