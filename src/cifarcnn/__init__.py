@@ -1,1 +1,7 @@
-"""cifarcnn."""
+"""cifarcnn: a DVC + MLflow pipeline that re-creates a CNN-on-CIFAR-10 report.
+
+Modules, in pipeline order: config (params.yaml -> validated run configs), fetch/data/assets
+(the download stage), convmath (Task 1), models (registry), batches/augment (in-memory
+batches), training (the one loop), tracking (MLflow), pipeline (train + track), evaluation,
+visualize (Task 4b/4c), figures, report.
+"""
