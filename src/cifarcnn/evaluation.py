@@ -30,7 +30,7 @@ def evaluate_checkpoint(best_path: str | Path, ds: Dataset, device_name: str = "
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     prep = Preprocess(cfg.input, device, channels_last)
     splits = make_splits(ds, cfg.val_fraction, cfg.split_seed, device)
-    out: dict = {"run": cfg.name, "best_step": ckpt.get("step")}
+    out: dict = {"run": cfg.name, "best_step": ckpt.get("step"), "device": str(device)}
     for name, split in splits.items():
         loss, preds = predict(model, split, prep)
         labels, preds = split.y.cpu().numpy(), preds.cpu().numpy()

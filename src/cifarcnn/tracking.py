@@ -171,7 +171,8 @@ def run_tags(run_name: str, device: str) -> dict[str, str]:
 def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: dict,
                    artifacts: list[Path]) -> str:
     """Log evaluation numbers into the training run; a new run if that one is not in this store."""
-    run = MlflowRun.start(experiment, run_name, {**run_tags(run_name, "eval"), "evaluation_only": "true"},
+    run = MlflowRun.start(experiment, run_name, {**run_tags(run_name, metrics.get("device", "")),
+                                                 "evaluation_only": "true"},
                           resume_id=run_id)
     if run.run_id != run_id:
         print(f"MLflow run {run_id} of {run_name} is not in {tracking_uri()}; logging the evaluation "

@@ -240,6 +240,10 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     aug_gen = torch.Generator(device=device)
     started = time.perf_counter()
 
+    def save_best() -> None:
+        save_checkpoint(best_path, {"model": model.state_dict(), "config": config_dict,
+                                    "classes": list(ds.classes), **best})
+
     def flush_losses() -> None:
         if not pending_losses:
             return
@@ -294,8 +298,7 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
                     logger.log_validation(step, record["epoch"], val_loss, val_acc)
                 if val_loss < best["val_loss"]:
                     best = {"val_loss": val_loss, "val_acc": val_acc, "step": step, "epoch": record["epoch"]}
-                    save_checkpoint(best_path, {"model": model.state_dict(), "config": config_dict,
-                                                "classes": list(ds.classes), **best})
+                    save_best()
                 stopped_early = should_stop([v["val_loss"] for v in history.validations], cfg.early_stop_count)
                 save_checkpoint(resume_path, {
                     "config": config_dict, "data": fingerprint, "step": step, "model": model.state_dict(),
@@ -317,8 +320,7 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     if not best_path.exists():  # fewer steps than one validation interval: keep the final state
         val_loss, val_acc = evaluate(model, splits["val"], prep)
         best = {"val_loss": val_loss, "val_acc": val_acc, "step": step, "epoch": round(step / steps_per_epoch, 4)}
-        save_checkpoint(best_path, {"model": model.state_dict(), "config": config_dict,
-                                    "classes": list(ds.classes), **best})
+        save_best()
 
     model.load_state_dict(load_checkpoint(best_path)["model"])
     final = {f"{name}_{kind}": value for name in ("train", "val", "test")

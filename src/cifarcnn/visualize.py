@@ -61,29 +61,23 @@ def first_layer(model: nn.Module, x: torch.Tensor, indices: list[int]) -> tuple[
 
 
 @torch.no_grad()
-def last_conv_layer(model: nn.Module, x: torch.Tensor, indices: list[int]) -> torch.Tensor:
-    """Activations [k, 7, 7] of the ResNet without its last two children (avgpool, fc)."""
+def last_conv_layer(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """All activations [512, 7, 7] of the ResNet without its last two children (avgpool, fc)."""
     body = nn.Sequential(*list(model.children())[:-2]).eval()
-    out = body(x)[0]
-    check_indices(indices, out.shape[0], "viz.activation_indices")
-    return out[indices]
+    return body(x)[0]
 
 
 def visualize(model: nn.Module, photo: str | Path, filter_indices: list[int], activation_indices: list[int]) -> dict:
     model = model.eval()
     pixels, x = load_photo(photo)
     filters, first = first_layer(model, x, filter_indices)
-    last = last_conv_layer(model, x, activation_indices)
+    last = last_conv_layer(model, x)
+    check_indices(activation_indices, last.shape[0], "viz.activation_indices")
     return {
         "photo": pixels,
         "filters": [minmax(f).permute(1, 2, 0).numpy() for f in filters],  # HWC in [0, 1]
         "first_activations": [minmax(a).numpy() for a in first],
-        "last_activations": [minmax(a).numpy() for a in last],
+        "last_activations": [minmax(last[i]).numpy() for i in activation_indices],
         "filter_indices": list(filter_indices), "activation_indices": list(activation_indices),
-        "last_shape": list(body_output_shape(model, x)),
+        "last_shape": list(last.shape),
     }
-
-
-@torch.no_grad()
-def body_output_shape(model: nn.Module, x: torch.Tensor) -> torch.Size:
-    return nn.Sequential(*list(model.children())[:-2]).eval()(x).shape[1:]
