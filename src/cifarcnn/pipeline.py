@@ -15,14 +15,14 @@ from .tracking import MlflowRun, run_tags
 from .training import BEST, RESUME, load_checkpoint, resolve_device, train
 
 CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]
+LOSS_BLOCK_FIELDS = ["step", "mean", "std"]
 
 
-def curves_csv(validations: list[dict]) -> str:
+def csv_text(rows: list[dict], fields: list[str]) -> str:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CURVE_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    for row in validations:
-        writer.writerow({k: row[k] for k in CURVE_FIELDS})
+    writer.writerows(rows)
     return out.getvalue()
 
 
@@ -51,9 +51,10 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
                    **({"resnet_weights": str(cfg.model_params["weights"])} if "weights" in cfg.model_params else {})}
         h = result.history
         blocks = h.loss_blocks()
-        write_text(results_dir / "train_loss.csv", "step,mean,std\n" + "".join(
-            f"{s},{m:.6g},{d:.6g}\n" for s, m, d in zip(blocks["step"], blocks["mean"], blocks["std"])))
-        write_text(results_dir / "curves.csv", curves_csv(h.validations))
+        block_rows = [{"step": s, "mean": float(f"{m:.6g}"), "std": float(f"{d:.6g}")}
+                      for s, m, d in zip(blocks["step"], blocks["mean"], blocks["std"])]
+        write_text(results_dir / "train_loss.csv", csv_text(block_rows, LOSS_BLOCK_FIELDS))
+        write_text(results_dir / "curves.csv", csv_text(h.validations, CURVE_FIELDS))
         run.log_summary({k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))})
         run.log_artifact(model_dir / BEST, "checkpoint")
         model = result.model.to("cpu").to(memory_format=torch.contiguous_format).eval()

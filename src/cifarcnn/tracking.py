@@ -147,9 +147,6 @@ class MlflowRun:
                 )
         self._guard("log model", _log)
 
-    def set_tag(self, key: str, value: str) -> None:
-        self._guard("set tag", self.client.set_tag, self.run_id, key, value)
-
     def finish(self, status: str = "FINISHED") -> None:
         self._guard("end run", self.client.set_terminated, self.run_id, status)
 
