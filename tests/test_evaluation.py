@@ -100,3 +100,18 @@ def test_accuracy_table_beside_the_report(tmp_path):
     assert "73.58%" in md and "45.00%" in md and "-28.58 pp" in md
     md = report.accuracy_table(results, ["extra_run"])
     assert "n/a (not in the report)" in md
+
+
+def test_report_says_when_task4a_is_not_the_reports_set_up(tmp_path):
+    _fake_results(tmp_path, ["task4a"])
+    config = {"input": {"size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}, "epochs": 1}
+    (tmp_path / "task4a" / "config.json").write_text(json.dumps(config))
+    shrunk = report.load_results(tmp_path)["task4a"]
+    shrunk["train"]["resnet_weights"] = "none"
+    caveat = "".join(report._task4a_caveats(shrunk))
+    assert "random weights" in caveat and "64×64" in caveat and "1 epoch(s)" in caveat
+    assert "| 64 px" in report.runs_table({"task4a": shrunk}) and "1 of 1" in report.runs_table({"task4a": shrunk})
+
+    as_reported = {**shrunk, "train": {**shrunk["train"], "resnet_weights": "imagenet"},
+                   "config": {**config, "input": {**config["input"], "size": 224}, "epochs": 5}}
+    assert report._task4a_caveats(as_reported) == []

@@ -55,6 +55,9 @@ def test_training_run_contents(store):
     # Results written for DVC, pointing back at the run.
     written = json.loads((store / "results" / "task2" / "train.json").read_text())
     assert written["mlflow_run_id"] == run.info.run_id
+    config = json.loads((store / "results" / "task2" / "config.json").read_text())
+    assert config == json.loads(json.dumps(cfg.to_dict()))  # the resolved config, as in the checkpoint
+    assert config["name"] == "task2" and float(run.data.params["lr"]) == config["lr"]
     assert (store / "results" / "task2" / "curves.csv").read_text().splitlines()[0] == "step,epoch,train_loss,val_loss,val_acc"
     assert metrics["mlflow_logging_share"] < 0.5  # tiny runs; the real share is measured in bench/
 

@@ -53,6 +53,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
         blocks = h.loss_blocks()
         block_rows = [{"step": s, "mean": float(f"{m:.6g}"), "std": float(f"{d:.6g}")}
                       for s, m, d in zip(blocks["step"], blocks["mean"], blocks["std"])]
+        write_json(results_dir / "config.json", cfg.to_dict())  # the resolved config, as in the checkpoint
         write_text(results_dir / "train_loss.csv", csv_text(block_rows, LOSS_BLOCK_FIELDS))
         write_text(results_dir / "curves.csv", csv_text(h.validations, CURVE_FIELDS))
         run.log_summary({k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))})

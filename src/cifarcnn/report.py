@@ -120,9 +120,10 @@ def accuracy_table(results: dict[str, dict], runs: list[str], labels: list[str] 
 def runs_table(results: dict[str, dict]) -> str:
     rows = []
     for run, r in results.items():
-        t = r["train"]
+        t, c = r["train"], r.get("config")
         rows.append({
-            "run": run, "device": t["device"], "epochs run": f"{t['epochs_run']:g}",
+            "run": run, "device": t["device"], "input": f"{c['input']['size']} px" if c else "?",
+            "epochs run": f"{t['epochs_run']:g}" + (f" of {c['epochs']}" if c else ""),
             "best step": t["best_step"], "early stop": "yes" if t["stopped_early"] else "no",
             "train time": f"{t['train_seconds']:.0f} s",
             "img/s": f"{t['train_images_per_s']:.0f}" if t.get("train_images_per_s") else "resumed",
@@ -136,6 +137,26 @@ def class_table(results: dict[str, dict]) -> str:
     for run, r in results.items():
         rows.append({"run": run, **{c: _pct(v) if v is not None else "-" for c, v in r["eval"]["test_class_acc"].items()}})
     return table(pd.DataFrame(rows))
+
+
+# What the report's Task 4a ran: ImageNet weights, 224x224 input, 5 epochs.
+REPORT_TASK4A = {"resnet_weights": "imagenet", "input_size": 224, "epochs": 5}
+
+
+def _task4a_caveats(result: dict) -> list[str]:
+    """Say so when task4a ran in a form the report's numbers do not describe (e.g. shrunk for a CPU)."""
+    notes = []
+    if result["train"].get("resnet_weights") == "none":
+        notes.append("trained from random weights (`resnet_weights: none`)")
+    config = result.get("config")
+    if config and config["input"]["size"] != REPORT_TASK4A["input_size"]:
+        notes.append(f"input resized to {config['input']['size']}×{config['input']['size']} "
+                     f"(the report: {REPORT_TASK4A['input_size']}×{REPORT_TASK4A['input_size']})")
+    if config and config["epochs"] < REPORT_TASK4A["epochs"]:
+        notes.append(f"{config['epochs']} epoch(s) at most (the report: {REPORT_TASK4A['epochs']})")
+    if not notes:
+        return []
+    return ["Not comparable to the report: " + "; ".join(notes) + ".", ""]
 
 
 def results_markdown(results: dict[str, dict], task1: dict, viz: dict | None, figures: dict[str, str]) -> str:
@@ -176,8 +197,8 @@ def results_markdown(results: dict[str, dict], task1: dict, viz: dict | None, fi
                 lines += [f"![{run} training curves]({figures[f'{run}_curves']})", ""]
         if key == "task3d_dropout" and "task3d" in figures:
             lines += [f"![Task 3d: with vs without dropout]({figures['task3d']})", ""]
-        if key == "task4a" and results["task4a"]["train"].get("resnet_weights") == "none":
-            lines += ["Trained from random weights (`resnet_weights: none`), so not comparable to the report.", ""]
+        if key == "task4a":
+            lines += _task4a_caveats(results["task4a"])
     lines += ["## Test accuracy per class", "", class_table(results), ""]
     if viz is not None:
         lines += ["## Task 4b — first conv layer on the photo", "",
@@ -207,8 +228,10 @@ def load_results(results_dir: Path) -> dict[str, dict]:
     for train_json in sorted(Path(results_dir).glob("*/train.json")):
         eval_json = train_json.with_name("eval.json")
         if eval_json.exists():
-            found[train_json.parent.name] = {"train": json.loads(train_json.read_text()),
-                                             "eval": json.loads(eval_json.read_text())}
+            config_json = train_json.with_name("config.json")
+            found[train_json.parent.name] = {
+                "train": json.loads(train_json.read_text()), "eval": json.loads(eval_json.read_text()),
+                "config": json.loads(config_json.read_text()) if config_json.exists() else None}
     order = {run: i for i, run in enumerate(REPORT_ORDER)}
     return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
