@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
+from cifarcnn.augment import apply_augment, draw_augment
 from cifarcnn.batches import Preprocess, epoch_batches, to_device_split
 from cifarcnn.config import load_params, resolve_run
 from cifarcnn.models import create_model
@@ -83,7 +84,10 @@ def bench_run(name: str, steps: int, rounds: int) -> dict:
     model, opt = fresh()
     order = epoch_batches(n, cfg.batch_size, torch.Generator().manual_seed(0))
     tensors = iter(lambda: (x0, y0), None)
-    ours = ((prep(split.x[idx.to(device)], cfg.augment, gen), split.y[idx.to(device)]) for idx in order)
+    ours = ((prep.finish(apply_augment(prep.unit(split.x[idx.to(device)]), cfg.augment,
+                                       draw_augment(cfg.augment, len(idx), gen, device))
+                         if cfg.augment else prep.unit(split.x[idx.to(device)])), split.y[idx.to(device)])
+            for idx in order)
     timed_steps(model, opt, tensors, 0, warmup=3)
     timed_steps(model, opt, ours, 0, warmup=3)
     per_round = {"tensors": [], "ours": []}

@@ -85,8 +85,9 @@ def test_color_jitter_equals_torchvision_per_image_with_the_same_draws(spec_kwar
     spec = AugmentSpec(**{**SPEC_NONE, **spec_kwargs})
     n = 24
     x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    out = A.color_jitter(x, spec, torch.Generator().manual_seed(9))
-    g = torch.Generator().manual_seed(9)  # replay the draws in color_jitter's order
+    draws = A.draw_augment(spec, n, torch.Generator().manual_seed(9), "cpu")
+    out = A.color_jitter(x, spec, draws.factors, draws.order)
+    g = torch.Generator().manual_seed(9)  # replay the draws in draw_augment's order
     ranges = [(max(0, 1 - spec.brightness), 1 + spec.brightness), (max(0, 1 - spec.contrast), 1 + spec.contrast),
               (max(0, 1 - spec.saturation), 1 + spec.saturation), (-spec.hue, spec.hue)]
     factors = [torch.rand(n, generator=g) * (hi - lo) + lo for lo, hi in ranges]
@@ -99,6 +100,28 @@ def test_color_jitter_equals_torchvision_per_image_with_the_same_draws(spec_kwar
             if enabled[op]:
                 ref = ops[op](ref, float(factors[op][i]))
         torch.testing.assert_close(out[i], ref, atol=2e-5, rtol=0)
+
+
+def test_hue_for_all_rows_equals_hue_for_selected_rows():
+    """The sync-free jitter (GPU, CUDA graphs) gives exactly the CPU's row-selecting result."""
+    spec = AugmentSpec(**{**SPEC_NONE, "brightness": 0.5, "contrast": 0.5, "saturation": 0.5, "hue": 0.5})
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    draws = A.draw_augment(spec, 64, torch.Generator().manual_seed(6), "cpu")
+    selected = A.color_jitter(x, spec, draws.factors, draws.order, select_rows=True)
+    everywhere = A.color_jitter(x, spec, draws.factors, draws.order, select_rows=False)
+    assert torch.equal(selected, everywhere)
+    assert not torch.equal(selected, A.color_jitter(x, spec, draws.factors, draws.order.roll(1, dims=1)))
+
+
+def test_drawing_apart_from_applying_keeps_the_random_stream():
+    """augment_batch = apply_augment(draw_augment(...)): a generator seeded per step gives the
+    same batch whichever way it is called (what resume and the CUDA-graph step rely on)."""
+    spec = AugmentSpec(hflip_p=0.5, rotate_deg=10.0, brightness=0.5, contrast=0.5, saturation=0.5, hue=0.5)
+    x = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    whole = A.augment_batch(x, spec, torch.Generator().manual_seed(8))
+    draws = A.draw_augment(spec, 32, torch.Generator().manual_seed(8), "cpu")
+    assert torch.equal(whole, A.apply_augment(x, spec, draws))
+    assert draws.flip.dtype == torch.bool and draws.order.shape == (32, 4) and draws.factors.shape == (4, 32)
 
 
 def test_parameters_differ_per_image():

@@ -14,9 +14,11 @@ import pytest
 import torch
 from helpers import tiny_dataset, tiny_params, tiny_run
 
+from cifarcnn import step as step_module
 from cifarcnn import training
 from cifarcnn.config import resolve_all
 from cifarcnn.errors import UserError
+from cifarcnn.step import GraphedStep
 from cifarcnn.training import BEST, RESUME, NonFiniteLoss, load_best_model, should_stop, train
 
 RUNS = list(resolve_all(tiny_params()))
@@ -187,3 +189,84 @@ def test_resume_after_the_stopping_validation_does_not_train_on(tmp_path, monkey
     assert resumed.resumed_from_step == finished.metrics["steps"]
     assert resumed.metrics["steps"] == finished.metrics["steps"] and resumed.metrics["stopped_early"]
     assert resumed.metrics["test_acc"] == finished.metrics["test_acc"]
+
+
+# --- the CUDA-graph step's protocol, checked on the CPU -----------------------------------------
+# On CUDA each step is replayed from a graph captured after a few warm-up steps (step.py). The
+# capture itself needs a GPU (bench/gpu_report.py checks it there); everything around it (static
+# input buffers, the warm-up undone in place) runs here with capture=False and must train
+# bit-identically to the eager step.
+
+def static_step(fn, model, optimizer, inputs, graphs):
+    return GraphedStep(fn, model, optimizer, inputs, capture=False)
+
+
+@pytest.mark.parametrize("name", ["task3e", "task3a_model1", "task3d_dropout"])  # Adam+BN+augment, Adam, SGD+dropout
+def test_static_step_with_warmup_undone_trains_like_eager(name, tmp_path, monkeypatch):
+    cfg = tiny_run(name, batch_size=16, evals_per_epoch=2)
+    eager = train(cfg, tiny_dataset(200, 40), tmp_path / "eager")
+    monkeypatch.setattr(training, "make_step", static_step)
+    static = train(cfg, tiny_dataset(200, 40), tmp_path / "static")
+    assert static.metrics["cuda_graph"] and not eager.metrics["cuda_graph"]
+    assert static.history.losses == eager.history.losses
+    for (key, a), b in zip(eager.model.state_dict().items(), static.model.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_static_step_check_has_power(tmp_path, monkeypatch):
+    """Without undoing the warm-up the same comparison fails."""
+    cfg = tiny_run("task3e", batch_size=16, evals_per_epoch=2)
+    eager = train(cfg, tiny_dataset(200, 40), tmp_path / "eager")
+    monkeypatch.setattr(training, "make_step", static_step)
+    monkeypatch.setattr(step_module._TrainingState, "restore", lambda self: None)
+    static = train(cfg, tiny_dataset(200, 40), tmp_path / "static")
+    assert static.history.losses != eager.history.losses
+
+
+def test_warmup_restores_existing_optimizer_state():
+    """A resumed run has Adam state before capture: the warm-up must leave it as it was."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+
+    def fn(xb, yb):
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    for _ in range(2):
+        fn(x[:16], y[:16])
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(optimizer.state.values())}
+    GraphedStep(fn, model, optimizer, (x[16:], y[16:]), capture=False)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    for i, s in enumerate(optimizer.state.values()):
+        assert all(torch.equal(v, state[i][k]) for k, v in s.items())
+
+
+@pytest.mark.parametrize("ahead", [3, 128])
+def test_augmenting_several_steps_at_once_gives_each_step_its_batch(ahead):
+    """The GPU augments many steps in one pass; every step must still get exactly its images
+    with its own draws (the CPU's one-step-at-a-time result)."""
+    from cifarcnn.augment import draw_augment
+    from cifarcnn.batches import epoch_batches, to_device_split, training_inputs
+
+    cfg = tiny_run("task3e")
+    ds = tiny_dataset(400, 20)
+    split = to_device_split(ds.train_x, ds.train_y, torch.device("cpu"))
+    batches = epoch_batches(len(split), 32, torch.Generator().manual_seed(1))
+    gen = torch.Generator()
+
+    def draws_for(step):
+        return draw_augment(cfg.augment, 32, gen.manual_seed(step), "cpu")
+
+    one = list(training_inputs(split, batches[2:], 7, cfg.augment, draws_for, ahead=1))
+    many = list(training_inputs(split, batches[2:], 7, cfg.augment, draws_for, ahead=ahead))
+    assert len(one) == len(many) == len(batches) - 2
+    for (x1, y1), (x2, y2) in zip(one, many):
+        assert torch.equal(y1, y2)
+        torch.testing.assert_close(x1, x2, atol=1e-6, rtol=0)
+    assert not torch.equal(one[0][0], one[1][0])

@@ -15,6 +15,7 @@ Images are float tensors in [0, 1], shape [B, 3, H, W], on any device.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ def hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
     """The closed form f(n) = v - v s max(0, min(k, 4 - k, 1)), k = (n + 6h) mod 6, for
     n = 5, 3, 1 (R, G, B): equal to torchvision's six-sector version, in a few ops."""
     h, s, v = img.unbind(dim=-3)
-    n = torch.tensor([5.0, 3.0, 1.0], device=img.device, dtype=img.dtype).view(3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=img.device, dtype=img.dtype).view(3, 1, 1)  # 5, 3, 1; no host copy
     k = torch.remainder(n + 6.0 * h.unsqueeze(-3), 6.0)
     weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     v, s = v.unsqueeze(-3), s.unsqueeze(-3)
@@ -89,46 +90,92 @@ def rotate(img: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(img, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def color_jitter(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+@dataclass
+class AugmentDraws:
+    """Every random number one batch's augmentation uses, drawn before any is applied.
+
+    Drawing apart from applying lets a CUDA graph hold the (fixed-shape) application while the
+    draws come from a generator seeded per step outside it. The draw order is the one
+    ``augment_batch`` always had, so the same generator gives the same augmented batch.
+    """
+
+    flip: torch.Tensor | None  # [n] bool: flip this image
+    angle: torch.Tensor | None  # [n] degrees, counter-clockwise
+    factors: torch.Tensor | None  # [4, n]: brightness, contrast, saturation factors and hue shift
+    order: torch.Tensor | None  # [n, 4]: the colour ops' order per image (a permutation of 0..3)
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.flip, self.angle, self.factors, self.order]
+
+
+def _jitter_enabled(spec: AugmentSpec) -> tuple[bool, bool, bool, bool]:
+    return spec.brightness > 0, spec.contrast > 0, spec.saturation > 0, spec.hue > 0
+
+
+def draw_augment(spec: AugmentSpec, n: int, gen: torch.Generator, device) -> AugmentDraws:
+    """The random parameters for ``n`` images, from ``gen`` (on ``device``)."""
+    flip = torch.rand(n, generator=gen, device=device) < spec.hflip_p if spec.hflip_p > 0 else None
+    angle = _uniform(n, -spec.rotate_deg, spec.rotate_deg, gen, device) if spec.rotate_deg > 0 else None
+    factors = order = None
+    if any(_jitter_enabled(spec)):
+        factors = torch.stack([
+            _uniform(n, max(0.0, 1 - spec.brightness), 1 + spec.brightness, gen, device),
+            _uniform(n, max(0.0, 1 - spec.contrast), 1 + spec.contrast, gen, device),
+            _uniform(n, max(0.0, 1 - spec.saturation), 1 + spec.saturation, gen, device),
+            _uniform(n, -spec.hue, spec.hue, gen, device),
+        ])  # [4, n]: op x image
+        order = torch.argsort(torch.rand(n, 4, generator=gen, device=device), dim=1)  # a permutation per image
+    return AugmentDraws(flip, angle, factors, order)
+
+
+def color_jitter(img: torch.Tensor, spec: AugmentSpec, factors: torch.Tensor, order: torch.Tensor,
+                 select_rows: bool | None = None) -> torch.Tensor:
     """ColorJitter with per-image factors and a per-image random order of the four ops.
 
     Brightness, contrast and saturation are each a blend ``f * img + (1 - f) * other`` (other:
     black, the mean grey, the grey image), so at every position of the order one batched blend
-    serves all images whose op there is one of them; hue goes to its images alone.
+    serves all images whose op there is one of them. Hue: on the CPU it is computed for its
+    images alone (a quarter of the work); elsewhere for all and kept by ``where``, because
+    selecting rows needs the host to learn their number (a synchronisation, and impossible
+    inside a CUDA graph). Both give the same values; ``select_rows`` picks one (default: by device).
     """
     n, device = img.shape[0], img.device
-    factors = torch.stack([
-        _uniform(n, max(0.0, 1 - spec.brightness), 1 + spec.brightness, gen, device),
-        _uniform(n, max(0.0, 1 - spec.contrast), 1 + spec.contrast, gen, device),
-        _uniform(n, max(0.0, 1 - spec.saturation), 1 + spec.saturation, gen, device),
-        _uniform(n, -spec.hue, spec.hue, gen, device),
-    ])  # [4, n]: op x image
-    order = torch.argsort(torch.rand(n, 4, generator=gen, device=device), dim=1)  # a permutation per image
-    enabled = torch.tensor([spec.brightness > 0, spec.contrast > 0, spec.saturation > 0, spec.hue > 0],
-                           device=device)
     images = torch.arange(n, device=device)
+    if select_rows is None:
+        select_rows = device.type == "cpu"
     out = img
     for slot in range(4):
         op = order[:, slot]
-        active = enabled[op]
+        active = torch.zeros_like(op, dtype=torch.bool)
+        for k, on in enumerate(_jitter_enabled(spec)):
+            if on:
+                active |= op == k
         gray = grayscale(out)
         other = torch.where((op == 0).view(-1, 1, 1, 1), torch.zeros_like(gray),
                             torch.where((op == 1).view(-1, 1, 1, 1), gray.mean(dim=(-3, -2, -1), keepdim=True), gray))
         blend = (active & (op < 3)).view(-1, 1, 1, 1)
         out = torch.where(blend, _blend(out, other, factors[op, images]), out)
-        rows = (active & (op == 3)).nonzero().squeeze(1)
-        if rows.numel():
-            out = out.index_put((rows,), adjust_hue(out[rows], factors[3, rows]))
+        hue = active & (op == 3)
+        if select_rows:
+            rows = hue.nonzero().squeeze(1)
+            if rows.numel():
+                out = out.index_put((rows,), adjust_hue(out[rows], factors[3, rows]))
+        elif spec.hue > 0:
+            out = torch.where(hue.view(-1, 1, 1, 1), adjust_hue(out, factors[3]), out)
     return out
 
 
-def augment_batch(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
-    """The Task 3e pipeline on a float batch in [0, 1]: flip, rotate, colour jitter."""
-    n, device = img.shape[0], img.device
-    if spec.hflip_p > 0:
-        img = hflip(img, torch.rand(n, generator=gen, device=device) < spec.hflip_p)
-    if spec.rotate_deg > 0:
-        img = rotate(img, _uniform(n, -spec.rotate_deg, spec.rotate_deg, gen, device))
-    if any((spec.brightness, spec.contrast, spec.saturation, spec.hue)):
-        img = color_jitter(img, spec, gen)
+def apply_augment(img: torch.Tensor, spec: AugmentSpec, draws: AugmentDraws) -> torch.Tensor:
+    """The Task 3e pipeline on a float batch in [0, 1] with given draws: flip, rotate, colour jitter."""
+    if draws.flip is not None:
+        img = hflip(img, draws.flip)
+    if draws.angle is not None:
+        img = rotate(img, draws.angle)
+    if draws.factors is not None:
+        img = color_jitter(img, spec, draws.factors, draws.order)
     return img
+
+
+def augment_batch(img: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
+    """Draw, then apply: the Task 3e augmentation of one batch from ``gen``."""
+    return apply_augment(img, spec, draw_augment(spec, img.shape[0], gen, img.device))

@@ -7,12 +7,13 @@ the device in a handful of batched ops.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import augment_batch
+from .augment import AugmentDraws, apply_augment
 from .config import AugmentSpec, InputSpec
 from .data import Dataset
 
@@ -50,7 +51,8 @@ def make_splits(ds: Dataset, val_fraction: float, split_seed: int, device: torch
 
 
 class Preprocess:
-    """uint8 batch -> model input: [0, 1] floats, (augment), resize, normalise, memory format."""
+    """uint8 batch -> model input in two halves: ``unit`` ([0, 1] floats, where augmentation
+    applies) and ``finish`` (resize, normalise, memory format)."""
 
     def __init__(self, spec: InputSpec, device: torch.device, channels_last: bool) -> None:
         self.size = spec.size
@@ -58,21 +60,57 @@ class Preprocess:
         self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def __call__(self, images: torch.Tensor, augment: AugmentSpec | None = None,
-                 gen: torch.Generator | None = None) -> torch.Tensor:
-        x = images.float().div_(255.0)
-        if augment is not None:
-            x = augment_batch(x, augment, gen)
+    @staticmethod
+    def unit(images: torch.Tensor) -> torch.Tensor:
+        return images.float().div_(255.0)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Fixed shapes and no host synchronisation: a CUDA graph can hold this call."""
         if x.shape[-1] != self.size:  # ResNet input: resized per batch on the device
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=self.memory_format)
 
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.unit(images))
 
-def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled index batches for one epoch; the last incomplete batch is dropped."""
+
+def concat_draws(draws: list[AugmentDraws]) -> AugmentDraws:
+    def cat(field: str, dim: int) -> torch.Tensor | None:
+        parts = [getattr(d, field) for d in draws]
+        return None if parts[0] is None else torch.cat(parts, dim)
+
+    return AugmentDraws(cat("flip", 0), cat("angle", 0), cat("factors", 1), cat("order", 0))
+
+
+def training_inputs(split: Split, batches: list[torch.Tensor], first_step: int, augment: AugmentSpec | None,
+                    draws_for: Callable[[int], AugmentDraws], ahead: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images in [0, 1], augmented; labels) for each batch in ``batches``, the first being step
+    ``first_step``.
+
+    Augmentation is per image, with each step's own draws, so it can be done ``ahead`` steps at
+    a time with the same result: on a GPU one pass over 128 batches costs what one batch costs
+    (a few hundred small kernels), which keeps it out of the per-step graph. The CPU does one
+    step at a time (``ahead=1``), exactly as it always has.
+    """
+    for start in range(0, len(batches), ahead):
+        chunk = batches[start:start + ahead]
+        idx = torch.cat(chunk) if len(chunk) > 1 else chunk[0]
+        x = Preprocess.unit(split.x[idx])
+        if augment is not None:
+            x = apply_augment(x, augment, concat_draws([draws_for(first_step + start + j) for j in range(len(chunk))]))
+        y = split.y[idx]
+        offset = 0
+        for b in chunk:
+            yield x[offset:offset + len(b)], y[offset:offset + len(b)]
+            offset += len(b)
+
+
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Shuffled index batches for one epoch (drawn on the CPU, so every device trains on the
+    same order; moved to ``device`` in one copy); the last incomplete batch is dropped."""
     order = torch.randperm(n, generator=gen)
-    return list(order[: n - n % batch_size].split(batch_size))
+    return list(order[: n - n % batch_size].to(device).split(batch_size))
 
 
 def eval_batches(n: int, batch_size: int) -> list[torch.Tensor]:

@@ -25,17 +25,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .batches import Preprocess, Split, epoch_batches, eval_batches, make_splits
+from .augment import AugmentDraws, draw_augment
+from .batches import Preprocess, Split, epoch_batches, eval_batches, make_splits, training_inputs
 from .config import RunConfig
 from .data import Dataset
 from .errors import UserError
 from .fsutil import atomic_path
 from .models import create_model
+from .step import EagerStep, GraphedStep, StepFn
 
 BEST = "best.pt"  # the checkpoint with the lowest validation loss (a DVC output)
 RESUME = "resume.pt"  # the latest state, for resuming a killed run; removed when the run ends
 LOSS_FLUSH_STEPS = 50  # copy per-step losses off the device (and check them) this often
 EVAL_BATCH = 512  # images per evaluation batch (32x32 input); scaled down for bigger inputs
+AUGMENT_AHEAD_STEPS = 128  # on a GPU, steps augmented in one pass (128 x 32 images: 50 MB of floats)
 
 
 class NonFiniteLoss(UserError):
@@ -104,11 +107,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module, capturable: bool = False) -> torch.optim.Optimizer:
+    """``capturable``: Adam keeps its step count on the device, so a CUDA graph can hold its step."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr)  # plain SGD, no momentum (the original)
-    return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.Adam(params, lr=cfg.lr, capturable=capturable)
+
+
+def use_cuda_graphs(device: torch.device, requested: bool | None = None) -> bool:
+    """Graphs on CUDA (the step is launch-bound there, bench/gpu_report.py); never elsewhere."""
+    return device.type == "cuda" and requested is not False
+
+
+def make_step(fn: StepFn, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              inputs: tuple[torch.Tensor, ...], graphs: bool) -> EagerStep | GraphedStep:
+    if graphs:
+        try:
+            return GraphedStep(fn, model, optimizer, inputs)
+        except Exception as err:  # noqa: BLE001 - an op this torch/GPU cannot capture: train eagerly
+            print(f"CUDA graph capture failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                  f"training without CUDA graphs", flush=True)
+    return EagerStep(fn)
 
 
 @torch.no_grad()
@@ -179,11 +199,13 @@ class TrainResult:
 
 
 def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | None = None,
-          run_state: dict | None = None) -> TrainResult:
+          run_state: dict | None = None, cuda_graphs: bool | None = None) -> TrainResult:
     """Train ``cfg`` on ``ds``; checkpoints go to ``out_dir`` (best.pt, and resume.pt while running).
 
     ``run_state`` is extra plain data saved with the resume state (the MLflow run id), so a
     resumed run can report to the same place; the resumed copy is returned in the metrics.
+    ``cuda_graphs``: None (default) replays each step from a CUDA graph on CUDA; False never
+    (the benchmark's eager baseline).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +223,8 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     model = create_model(cfg.model, **cfg.model_params).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model)
+    graphs = use_cuda_graphs(device, cuda_graphs)
+    optimizer = make_optimizer(cfg, model, capturable=graphs)
     steps_per_epoch = n_train // cfg.batch_size
     eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
@@ -238,6 +261,21 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     # A run killed right after the validation that stopped it must not train on when resumed.
     stopped_early = should_stop([v["val_loss"] for v in history.validations], cfg.early_stop_count)
     aug_gen = torch.Generator(device=device)
+    train_split = splits["train"]
+
+    def optimisation_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(model(prep.finish(x)), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def draws_for(step: int) -> AugmentDraws:
+        aug_gen.manual_seed(cfg.seed * 1_000_003 + step)  # augmentation is a function of the step
+        return draw_augment(cfg.augment, cfg.batch_size, aug_gen, device)
+
+    run_step: EagerStep | GraphedStep | None = None
+    augment_ahead = AUGMENT_AHEAD_STEPS if device.type == "cuda" else 1
     started = time.perf_counter()
 
     def save_best() -> None:
@@ -264,21 +302,17 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     epoch = step // steps_per_epoch
     while epoch < cfg.epochs and not stopped_early:
         order_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same order after a resume
-        batches = epoch_batches(n_train, cfg.batch_size, order_gen)
+        batches = epoch_batches(n_train, cfg.batch_size, order_gen, device)
         skip = step - epoch * steps_per_epoch
         bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}",
                    unit="step", disable=None, leave=False, dynamic_ncols=True)
-        for idx in batches[skip:]:
-            idx = idx.to(device)
-            aug_gen.manual_seed(cfg.seed * 1_000_003 + step)  # augmentation is a function of the step
-            x = prep(splits["train"].x[idx], cfg.augment, aug_gen)
-            loss = F.cross_entropy(model(x), splits["train"].y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for x, y in training_inputs(train_split, batches[skip:], step, cfg.augment, draws_for, augment_ahead):
+            if run_step is None:  # built on the first real batch (capture needs real inputs)
+                run_step = make_step(optimisation_step, model, optimizer, (x, y), graphs)
+            loss = run_step(x, y)
             step += 1
             pending_steps.append(step)
-            pending_losses.append(loss.detach())
+            pending_losses.append(loss)
             bar.update(1)
             if len(pending_losses) >= LOSS_FLUSH_STEPS:
                 flush_losses()
@@ -332,7 +366,7 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
         "epochs_run": round(step / steps_per_epoch, 4), "stopped_early": stopped_early,
         "train_seconds": round(train_seconds, 2),
         "train_images_per_s": round(steps_run * cfg.batch_size / train_seconds, 1) if steps_run else None,
-        "device": str(device), "n_train": n_train, "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+        "device": str(device), "cuda_graph": bool(run_step is not None and run_step.graphed), "n_train": n_train, "n_val": len(splits["val"]), "n_test": len(splits["test"]),
     }
     resume_path.unlink(missing_ok=True)
     return TrainResult(metrics, history, model, resumed_from)
