@@ -1,7 +1,8 @@
 """The whole report on one GPU: every measurement in one call, one JSON.
 
 For a borrowed GPU machine that has torch but not DVC/MLflow: the pipeline's own training loop
-(`cifarcnn.training.train`, CUDA graphs on) and its evaluate pass, on the full data. The JSON is
+(`cifarcnn.training.train`, CUDA graphs on) and its evaluate pass, on the full data. Graphs are asked for
+explicitly (`cuda_graphs=True`): the pipeline's default stays eager until this has run. The JSON is
 rewritten after every part, so a cut-off call keeps what finished.
 
 1. check     on this GPU: 128 steps augmented in one pass vs one step at a time (max
@@ -77,7 +78,7 @@ def run_config(params: dict, name: str, device: torch.device, quick: bool, **cha
 def timed_train(cfg, ds: Dataset, out: Path, **kwargs) -> dict:
     sync(torch.device(cfg.device))
     t0 = time.perf_counter()
-    result = train(cfg, ds, out, **kwargs)
+    result = train(cfg, ds, out, **{"cuda_graphs": True, **kwargs})
     sync(torch.device(cfg.device))
     keep = ("train_acc", "val_acc", "test_acc", "val_loss", "best_epoch", "epochs_run", "stopped_early",
             "train_seconds", "train_images_per_s", "cuda_graph")
