@@ -13,7 +13,7 @@ from cifarcnn.config import load_params
 from cifarcnn.data import Dataset
 from cifarcnn.errors import cli
 from cifarcnn.evaluation import evaluate_checkpoint
-from cifarcnn.fsutil import write_json
+from cifarcnn.fsutil import staged_outputs, write_json
 from cifarcnn.report import load_curves
 from cifarcnn.tracking import log_evaluation
 
@@ -26,15 +26,16 @@ def main(run_name: str) -> None:
                                   params["train"]["device"])
     train_info = json.loads((results / "train.json").read_text())
     curves = load_curves(results)
-    pngs = [
-        figures.training_curves(curves["blocks"], curves["validations"], metrics, train_info.get("title", run_name),
-                                results / "curves.png"),
-        figures.confusion(metrics["test_confusion"], metrics["classes"],
-                          f"{run_name}: test accuracy {metrics['test_acc']:.2%}", results / "confusion.png"),
-    ]
-    metrics["mlflow_run_id"] = log_evaluation(params["mlflow"]["experiment"], run_name,
-                                              train_info.get("mlflow_run_id"), metrics, pngs)
-    write_json(results / "eval.json", metrics)
+    with staged_outputs(results) as staged:  # the three outputs appear together, or none
+        pngs = [
+            figures.training_curves(curves["blocks"], curves["validations"], metrics, train_info.get("title", run_name),
+                                    staged / "curves.png"),
+            figures.confusion(metrics["test_confusion"], metrics["classes"],
+                              f"{run_name}: test accuracy {metrics['test_acc']:.2%}", staged / "confusion.png"),
+        ]
+        metrics["mlflow_run_id"] = log_evaluation(params["mlflow"]["experiment"], run_name,
+                                                  train_info.get("mlflow_run_id"), metrics, pngs)
+        write_json(staged / "eval.json", metrics)
     print(f"{run_name}: train {metrics['train_acc']:.2%}, val {metrics['val_acc']:.2%}, test {metrics['test_acc']:.2%}")
 
 

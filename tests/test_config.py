@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
-from helpers import tiny_params
+from helpers import ROOT, tiny_params
 
 from cifarcnn.config import load_params, resolve_all, resolve_data, resolve_run
 from cifarcnn.errors import UserError
@@ -83,3 +84,14 @@ def test_flat_params_use_params_yaml_names():
     flat = resolve_run(tiny_params(), "task3e").flat_params()
     assert flat["lr"] == 0.0006 and flat["batch_size"] == 32 and flat["model_params.second_dropout"] == 0.1
     assert flat["augment.hue"] == 0.5 and flat["train.seed"] == 0 and flat["input.size"] == 32
+
+
+def test_digits_only_md5_asks_for_quotes(tmp_path):
+    """YAML reads 32 digits as a number (dropping leading zeros): refused with what to do."""
+    text = (ROOT / "params.yaml").read_text()
+    digits = "12345678901234567890123456789012"
+    (tmp_path / "params.yaml").write_text(re.sub(r"(?m)^(\s*md5:) \S+", rf"\g<1> {digits}", text, count=1))
+    with pytest.raises(UserError, match=r'data\.md5: YAML read the checksum as the number .*put it in quotes \(md5: "\.\.\."\)'):
+        resolve_data(load_params(tmp_path / "params.yaml"))
+    (tmp_path / "params.yaml").write_text(re.sub(r"(?m)^(\s*md5:) \S+", rf'\g<1> "{digits}"', text, count=1))
+    assert resolve_data(load_params(tmp_path / "params.yaml")).md5 == digits

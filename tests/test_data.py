@@ -4,8 +4,10 @@ from __future__ import annotations
 import http.server
 import os
 import pickle
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +256,43 @@ def test_batch_file_cannot_run_code(tmp_path):
     with pytest.raises(UserError, match="data_batch_1: not a readable CIFAR batch file .*refusing to load"):
         prepare(str(tmp_path / "src"), None, None, tmp_path / "o.npz", tmp_path / "dl")
     assert not (tmp_path / "pwned").exists()
+
+
+class TrickleHandler(http.server.SimpleHTTPRequestHandler):
+    """Announces a large file, then sends one byte every 0.3 s: each read 'makes progress'."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(10 ** 6))
+        self.end_headers()
+        try:
+            for _ in range(200):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:  # the client gave up: what the test wants
+            pass
+
+
+def test_trickling_server_fails_within_the_no_progress_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch_mod, "STALL_WINDOW_S", 2)
+    started = time.monotonic()
+    with serve_directory(tmp_path, handler=TrickleHandler) as url, pytest.raises(UserError) as err:
+        fetch_mod.fetch(f"{url}/cifar.tar.gz", tmp_path / "dl", algorithm="md5", expected="0" * 32, what="data.source")
+    took = time.monotonic() - started
+    message = str(err.value)
+    assert 2 <= took < 6, took
+    assert re.search(rf"data\.source: {url}/cifar\.tar\.gz sent \d+ bytes in 2 s \(less than 16384 bytes per 2 s\); "
+                     rf"gave up after \d+ bytes\. .*put it at {re.escape(str(tmp_path / 'dl' / 'cifar.tar.gz'))}", message), message
+    assert not any((tmp_path / "dl").iterdir())  # no partial file left
+
+
+def test_slow_server_fails_at_the_total_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch_mod, "TOTAL_LIMIT_S", 1.5)
+    started = time.monotonic()
+    with serve_directory(tmp_path, handler=TrickleHandler) as url, pytest.raises(UserError, match=r"took longer than the 1\.5 s limit; gave up after \d+ bytes"):
+        fetch_mod.fetch(f"{url}/cifar.tar.gz", tmp_path / "dl", algorithm="md5", expected="0" * 32, what="data.source")
+    assert time.monotonic() - started < 4

@@ -290,9 +290,19 @@ def resolve_data(params: dict) -> DataConfig:
     source, md5 = data["source"], data["md5"]
     if not isinstance(source, str) or not source:
         raise UserError(f"data.source: expected a URL or a local path, got {source!r}")
-    if md5 is not None and not (isinstance(md5, str) and re.fullmatch(r"[0-9a-fA-F]{32}", md5)):
-        raise UserError(f"data.md5: expected 32 hex digits or null, got {md5!r}")
+    md5 = _hex_digest(md5, "data.md5", 32)
     return DataConfig(source, md5, _int(data["subset"], "data.subset", allow_none=True))
+
+
+def _hex_digest(value: Any, key: str, length: int) -> str | None:
+    """A checksum of ``length`` hex digits, or None. One made only of digits (or digits and an
+    ``e``) is read by YAML as a number, which loses leading zeros: ask for quotes instead."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise UserError(f"{key}: YAML read the checksum as the number {value!r}; put it in quotes "
+                        f"({key.split('.')[-1]}: \"...\") so every digit is kept")
+    if value is not None and not (isinstance(value, str) and re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", value)):
+        raise UserError(f"{key}: expected {length} hex digits or null, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -310,8 +320,7 @@ def resolve_viz(params: dict) -> VizConfig:
     image, sha = viz["image"], viz["image_sha256"]
     if not isinstance(image, str) or not image:
         raise UserError(f"viz.image: expected a URL or a local path, got {image!r}")
-    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
-        raise UserError(f"viz.image_sha256: expected 64 hex digits or null, got {sha!r}")
+    sha = _hex_digest(sha, "viz.image_sha256", 64)
     lists = {}
     for key in ("filter_indices", "activation_indices"):
         value = viz[key]

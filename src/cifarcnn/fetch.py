@@ -24,6 +24,13 @@ USER_AGENT = "cifarcnn/0.1 (reproducible DVC/MLflow pipeline for a CIFAR-10 CNN 
 CHUNK = 1 << 20  # bytes per read
 RETRIES = 4  # attempts per file; a broken transfer resumes with an HTTP Range request
 TIMEOUT_S = 30  # per socket operation, so a dead server fails instead of hanging
+TOTAL_LIMIT_S = 3600  # per file, all attempts together (CIFAR-10's 163 MB at >= 45 kB/s)
+STALL_WINDOW_S = 60  # a server that sends less than STALL_MIN_BYTES in this long is given up on
+STALL_MIN_BYTES = 16 * 1024
+
+
+class _TooSlow(Exception):
+    pass
 
 
 def is_url(source: str) -> bool:
@@ -50,9 +57,28 @@ def verify(path: Path, algorithm: str, expected: str | None, what: str) -> None:
         )
 
 
+def _read_with_deadlines(response, out, bar, deadline: float) -> None:
+    """Copy ``response`` into ``out``, one socket read at a time, so that neither a server that
+    trickles (a byte now and then resets a per-read timeout) nor a slow one holds us forever."""
+    window_start, window_bytes = time.monotonic(), 0
+    while block := response.read1(CHUNK):
+        out.write(block)
+        bar.update(len(block))
+        now = time.monotonic()
+        window_bytes += len(block)
+        if now > deadline:
+            raise _TooSlow(f"took longer than the {TOTAL_LIMIT_S} s limit")
+        if now - window_start >= STALL_WINDOW_S:
+            if window_bytes < STALL_MIN_BYTES:
+                raise _TooSlow(f"sent {window_bytes} bytes in {now - window_start:.0f} s (less than "
+                               f"{STALL_MIN_BYTES} bytes per {STALL_WINDOW_S} s)")
+            window_start, window_bytes = now, 0
+
+
 def _download(url: str, dest: Path, what: str, final: Path) -> None:
     """Stream ``url`` into ``dest`` with a progress bar, resuming broken transfers."""
     last_error: Exception | None = None
+    deadline = time.monotonic() + TOTAL_LIMIT_S
     for attempt in range(1, RETRIES + 1):
         have = dest.stat().st_size if dest.exists() else 0
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
@@ -69,12 +95,15 @@ def _download(url: str, dest: Path, what: str, final: Path) -> None:
                     total=total, initial=have, unit="B", unit_scale=True, desc=f"fetch {what}",
                     disable=None, leave=False,
                 ) as bar:
-                    while block := response.read(CHUNK):
-                        out.write(block)
-                        bar.update(len(block))
+                    _read_with_deadlines(response, out, bar, deadline)
                 if total is not None and dest.stat().st_size < total:
                     raise ConnectionError(f"transfer ended at {dest.stat().st_size} of {total} bytes")
                 return
+        except _TooSlow as err:
+            received = dest.stat().st_size if dest.exists() else 0
+            dest.unlink(missing_ok=True)
+            raise UserError(f"{what}: {url} {err}; gave up after {received} bytes. Download it another way "
+                            f"and put it at {final} (it is verified there)") from None
         except urllib.error.HTTPError as err:
             if err.code == 416 and have:  # asked past the end: the partial file is stale
                 dest.unlink()
@@ -83,6 +112,8 @@ def _download(url: str, dest: Path, what: str, final: Path) -> None:
             last_error = err
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
             last_error = err
+        if time.monotonic() > deadline:
+            break
         if attempt < RETRIES:
             time.sleep(min(2 ** attempt, 10) * 0.1)
     reason = getattr(last_error, "reason", last_error)

@@ -1,31 +1,94 @@
-"""Atomic file writes: a reader (or DVC) never sees a half-written output."""
+"""Writing outputs: atomically (a reader or DVC never sees a half-written file), as a set (a
+stage's outputs appear together or not at all), with the umask's modes, and with one clear
+line when the disk is full or the folder is not writable."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .errors import UserError
+
+STAGING_PREFIX = ".staging-"
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_error(path: str | os.PathLike, err: BaseException) -> UserError:
+    """``err`` (writing ``path``) as one line that says what to do."""
+    path = Path(path)
+    reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    code = getattr(err, "errno", None)
+    try:
+        free = shutil.disk_usage(next(p for p in [path, *path.parents] if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < 64 * 1024 * 1024):
+        hint = f"the disk is full ({free if free is not None else '?'} bytes free); free space and re-run"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"{path.parent} is not writable; fix its permissions (or mount) and re-run"
+    else:
+        hint = "fix the cause and re-run"
+    return UserError(f"could not write {path}: {reason}; {hint}")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was; an OS error
+    (disk full, read-only folder) becomes a one-line :class:`UserError` naming ``path``.
     ``suffix`` keeps an extension for writers that append one (``np.savez`` adds ``.npz``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs follow the umask like any file
+        os.close(fd)
+    except OSError as err:
+        raise write_error(path, err) from err
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise write_error(path, err) from err
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_outputs(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging folder inside ``directory``; its files move into ``directory`` together
+    when the block succeeds, and are thrown away when it fails, so a failed stage never leaves
+    a mix of new and missing outputs. Staging folders left by a killed process are removed."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(old, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    except OSError as err:
+        raise write_error(directory / STAGING_PREFIX, err) from err
+    try:
+        yield stage
+        for file in sorted(stage.iterdir()):
+            try:
+                os.replace(file, directory / file.name)
+            except OSError as err:
+                raise write_error(directory / file.name, err) from err
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -1,4 +1,13 @@
-"""What a training stage does, end to end: train, write results, track in MLflow."""
+"""What a training stage does, end to end: train, write results, track in MLflow.
+
+Failure-safe by construction:
+- the resume state lives beside the checkpoint in the real repository (also for `dvc exp run
+  --temp/--queue`, whose workspace copy is thrown away) and is not a DVC output, so DVC's
+  removal of outputs before a re-run cannot take it; a killed run continues where it stopped;
+- the results are staged and appear together only once MLflow holds the run;
+- the resume state is removed only then: if the store is down at the end, the next
+  `dvc repro` finds the finished state and logs it without training again.
+"""
 from __future__ import annotations
 
 import csv
@@ -10,8 +19,8 @@ import torch
 
 from .config import RunConfig
 from .data import Dataset
-from .fsutil import write_json, write_text
-from .tracking import MlflowRun, run_tags
+from .fsutil import staged_outputs, write_json, write_text
+from .tracking import MlflowRun, repo_root, run_tags
 from .training import BEST, RESUME, load_checkpoint, resolve_device, train
 
 CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]
@@ -26,8 +35,13 @@ def csv_text(rows: list[dict], fields: list[str]) -> str:
     return out.getvalue()
 
 
-def _resume_run_id(model_dir: Path) -> str | None:
-    path = model_dir / RESUME
+def resume_dir(model_dir: Path) -> Path:
+    """Where the resume state lives: a relative ``model_dir`` (the stage's models/<run>) is taken
+    in the real repository, not in a `dvc exp run --temp/--queue` copy that is deleted."""
+    return model_dir if model_dir.is_absolute() else repo_root() / model_dir
+
+
+def _resume_run_id(path: Path) -> str | None:
     if not path.exists():
         return None
     try:
@@ -36,13 +50,16 @@ def _resume_run_id(model_dir: Path) -> str | None:
         return None
 
 
-def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: Path) -> dict:
+def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: Path,
+                    resume_in: Path | None = None) -> dict:
     device = resolve_device(cfg.device)
+    resume_in = resume_in or resume_dir(model_dir)
     run = MlflowRun.start(cfg.experiment, cfg.name, run_tags(cfg.name, str(device)),
-                          resume_id=_resume_run_id(model_dir))
+                          resume_id=_resume_run_id(resume_in / RESUME), reopen=True)
     try:
         run.log_params(cfg.flat_params())
-        result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id})
+        result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
+                       resume_dir=resume_in, keep_resume=True)
         logging_seconds = run.seconds  # params + per-step/validation metrics, during training
         metrics = {**result.metrics, "mlflow_run_id": run.run_id,
                    "resumed_from_step": result.resumed_from_step,
@@ -53,19 +70,22 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
         blocks = h.loss_blocks()
         block_rows = [{"step": s, "mean": float(f"{m:.6g}"), "std": float(f"{d:.6g}")}
                       for s, m, d in zip(blocks["step"], blocks["mean"], blocks["std"])]
-        write_json(results_dir / "config.json", cfg.to_dict())  # the resolved config, as in the checkpoint
-        write_text(results_dir / "train_loss.csv", csv_text(block_rows, LOSS_BLOCK_FIELDS))
-        write_text(results_dir / "curves.csv", csv_text(h.validations, CURVE_FIELDS))
-        run.log_summary({k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))})
-        run.log_artifact(model_dir / BEST, "checkpoint")
-        model = result.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-        example = np.zeros((2, 3, cfg.input.size, cfg.input.size), dtype=np.float32)
-        run.log_model(model, example)  # batch of 2: a batch of 1 would fix the batch dimension
-        metrics["mlflow_logging_seconds"] = round(logging_seconds, 3)
-        metrics["mlflow_logging_share"] = round(logging_seconds / max(metrics["train_seconds"], 1e-9), 4)
-        run.log_summary({k: metrics[k] for k in ("mlflow_logging_seconds", "mlflow_logging_share")}, prefix="")
-        write_json(results_dir / "train.json", metrics)
-        run.finish()
+        with staged_outputs(results_dir) as staged:
+            write_json(staged / "config.json", cfg.to_dict())  # the resolved config, as in the checkpoint
+            write_text(staged / "train_loss.csv", csv_text(block_rows, LOSS_BLOCK_FIELDS))
+            write_text(staged / "curves.csv", csv_text(h.validations, CURVE_FIELDS))
+            run.flush()
+            run.log_summary({k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))})
+            run.log_artifact(model_dir / BEST, "checkpoint")
+            model = result.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+            example = np.zeros((2, 3, cfg.input.size, cfg.input.size), dtype=np.float32)
+            run.log_model(model, example)  # batch of 2: a batch of 1 would fix the batch dimension
+            metrics["mlflow_logging_seconds"] = round(logging_seconds, 3)
+            metrics["mlflow_logging_share"] = round(logging_seconds / max(metrics["train_seconds"], 1e-9), 4)
+            run.log_summary({k: metrics[k] for k in ("mlflow_logging_seconds", "mlflow_logging_share")}, prefix="")
+            write_json(staged / "train.json", metrics)
+            run.finish()
+        result.resume_path.unlink(missing_ok=True)  # the run is recorded: nothing left to resume
         return metrics
     except BaseException:
         try:

@@ -25,6 +25,8 @@ from .errors import UserError  # noqa: E402
 
 _TEMP_EXP_MARKER = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+FINAL_WAIT_S = float(os.environ.get("CIFARCNN_MLFLOW_WAIT_S", 120))  # how long the end of a run waits for the store
+MAX_BACKOFF_S = 30.0  # longest pause between two tries
 
 
 def repo_root() -> Path:
@@ -77,23 +79,44 @@ def git_commit(root: Path) -> str:
 
 
 class MlflowRun:
-    """One MLflow run per training run; implements the training loop's RunLogger."""
+    """One MLflow run per training run; implements the training loop's RunLogger.
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    Metrics logged during training are buffered: when the store does not answer (a locked
+    sqlite file, a restarting server) training goes on and the buffer is written at a later
+    attempt, with a growing wait between attempts. ``flush`` at the end keeps trying for up to
+    ``FINAL_WAIT_S``. A resumed run skips the steps the store already holds, so no metric
+    history has a step twice.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, logged_up_to: dict[str, int] | None = None) -> None:
         self.client = client
         self.run_id = run_id
         self.seconds = 0.0  # time spent logging, to keep it a small share of training
+        self.logged_up_to = dict(logged_up_to or {})  # metric -> the last step the store holds
+        self.pending: list[Metric] = []
+        self.failures = 0
+        self.next_attempt = 0.0  # time.monotonic() before which no write is tried
+        self.last_error = ""
 
     @classmethod
-    def start(cls, experiment: str, run_name: str, tags: dict[str, str], resume_id: str | None = None) -> "MlflowRun":
+    def start(cls, experiment: str, run_name: str, tags: dict[str, str], resume_id: str | None = None,
+              reopen: bool = False) -> "MlflowRun":
+        """A new run, or ``resume_id`` when this store has it (``reopen``: set it RUNNING again,
+        for a training run that continues after a kill or a failure)."""
         client, exp_id = connect(experiment)
         if resume_id:
             try:
                 run = client.get_run(resume_id)
-                if run.info.experiment_id == exp_id:
-                    return cls(client, resume_id)
             except Exception:  # noqa: BLE001 - missing from this store: start a new run
-                pass
+                run = None
+            if run is not None and run.info.experiment_id == exp_id:
+                if not reopen:
+                    return cls(client, resume_id)
+                logged = {key: max((m.step for m in client.get_metric_history(resume_id, key)), default=-1)
+                          for key in run.data.metrics}
+                if run.info.status != "RUNNING":  # ended FAILED: it goes on
+                    client.update_run(resume_id, status="RUNNING")
+                return cls(client, resume_id, logged)
         run = client.create_run(exp_id, run_name=run_name, tags=tags)
         return cls(client, run.info.run_id)
 
@@ -102,10 +125,32 @@ class MlflowRun:
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001
-            raise UserError(f"MLflow {what} failed ({type(err).__name__}: {str(err)[:200]}); the checkpoints "
-                            "are kept, so re-running the stage resumes where it stopped") from err
+            raise UserError(f"MLflow {what} failed ({type(err).__name__}: {_first_line(err)}); the trained "
+                            "checkpoint is kept, and re-running the stage (dvc repro) logs it without "
+                            "training again") from err
         finally:
             self.seconds += time.perf_counter() - started
+
+    def _retrying(self, what: str, fn, *args, **kwargs):
+        """Try ``fn`` until it succeeds or FINAL_WAIT_S have passed (then a one-line error)."""
+        deadline = time.monotonic() + FINAL_WAIT_S
+        wait = 1.0
+        while True:
+            try:
+                started = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - started
+            except Exception as err:  # noqa: BLE001 - a busy or restarting store: wait and retry
+                self.last_error = f"{type(err).__name__}: {_first_line(err)}"
+                if time.monotonic() + wait > deadline:
+                    raise UserError(
+                        f"MLflow {what}: the store {tracking_uri()} did not answer for {FINAL_WAIT_S} s "
+                        f"({self.last_error}); the trained checkpoint is kept, so once the store answers "
+                        f"`dvc repro` logs this run without training again") from err
+                time.sleep(wait)
+                wait = min(wait * 2, MAX_BACKOFF_S)
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -114,9 +159,41 @@ class MlflowRun:
         for i in range(0, len(items), 100):
             self._guard("log params", self.client.log_batch, self.run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: list[Metric]) -> None:
+    def _write(self, metrics: list[Metric]) -> None:
         for i in range(0, len(metrics), BATCH_LIMIT):
-            self._guard("log metrics", self.client.log_batch, self.run_id, metrics=metrics[i:i + BATCH_LIMIT])
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH_LIMIT])
+
+    def log_metrics(self, metrics: list[Metric]) -> None:
+        """Buffer ``metrics`` (minus steps the store already holds) and try to write the buffer."""
+        for m in metrics:
+            if m.step > self.logged_up_to.get(m.key, -1):
+                self.pending.append(m)
+                self.logged_up_to[m.key] = m.step
+        if not self.pending or time.monotonic() < self.next_attempt:
+            return
+        started = time.perf_counter()
+        try:
+            self._write(self.pending)
+        except Exception as err:  # noqa: BLE001 - training must not stop for the tracking store
+            self.failures += 1
+            self.last_error = f"{type(err).__name__}: {_first_line(err)}"
+            wait = min(2.0 ** self.failures, MAX_BACKOFF_S)
+            self.next_attempt = time.monotonic() + wait
+            print(f"MLflow store not answering ({self.last_error}); training goes on, {len(self.pending)} "
+                  f"metric values kept to write later (next try in {wait:.0f} s)", flush=True)
+        else:
+            if self.failures:
+                print(f"MLflow store answers again: wrote {len(self.pending)} buffered metric values", flush=True)
+            self.pending.clear()
+            self.failures, self.next_attempt = 0, 0.0
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def flush(self) -> None:
+        """Write every buffered metric, waiting for the store up to FINAL_WAIT_S."""
+        if self.pending:
+            self._retrying("write buffered metrics", self._write, self.pending)
+            self.pending.clear()
 
     def log_train_losses(self, steps: list[int], losses: list[float]) -> None:
         now = int(time.time() * 1000)
@@ -129,11 +206,14 @@ class MlflowRun:
 
     def log_summary(self, metrics: dict, prefix: str = "final_") -> None:
         now = int(time.time() * 1000)
-        self.log_metrics([Metric(f"{prefix}{k}", float(v), now, 0) for k, v in metrics.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool)])
+        self.flush()
+        values = [Metric(f"{prefix}{k}", float(v), now, 0) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and f"{prefix}{k}" not in self.logged_up_to]  # a rerun after a failure: written already
+        self._retrying("log metrics", self._write, values)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
+        self._retrying("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_model(self, model, input_example) -> None:
         import torch
@@ -145,10 +225,17 @@ class MlflowRun:
                     # explicit requirements: inferring them imports the whole environment (slow)
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                 )
-        self._guard("log model", _log)
+        self._retrying("log model", _log)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._guard("end run", self.client.set_terminated, self.run_id, status)
+        if status == "FINISHED":
+            self._retrying("end run", self.client.set_terminated, self.run_id, status)
+        else:  # on the way out of a failure: one quick try, the original error matters more
+            self._guard("end run", self.client.set_terminated, self.run_id, status)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def run_tags(run_name: str, device: str) -> dict[str, str]:

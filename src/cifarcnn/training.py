@@ -30,7 +30,8 @@ from .batches import Preprocess, Split, epoch_batches, eval_batches, make_splits
 from .config import RunConfig
 from .data import Dataset
 from .errors import UserError
-from .fsutil import atomic_path
+from .codedeps import code_digest
+from .fsutil import atomic_path, write_error
 from .models import create_model
 from .step import EagerStep, GraphedStep, StepFn
 
@@ -172,7 +173,23 @@ def data_fingerprint(ds: Dataset) -> str:
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Atomic: a kill during the write leaves the previous checkpoint intact."""
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as err:  # torch's writer reports a full disk as a RuntimeError
+            raise write_error(path, err) from err
+
+
+def resume_mismatch(state: dict, config: dict, data: str, code: str) -> str | None:
+    """Why a saved resume state cannot continue this run (None: it can)."""
+    if state.get("config") != config:
+        return "it was saved with other params"
+    if state.get("data") != data:
+        return "it was saved with other data"
+    if state.get("code") != code:
+        return "the training code changed since it was saved"
+    if "best_model" not in state:
+        return "it has no best checkpoint"
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -201,11 +218,20 @@ class TrainResult:
     history: History
     model: torch.nn.Module
     resumed_from_step: int | None
+    resume_path: Path  # the final resume state, while the caller keeps it (keep_resume)
 
 
 def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | None = None,
-          run_state: dict | None = None, cuda_graphs: bool | None = None) -> TrainResult:
-    """Train ``cfg`` on ``ds``; checkpoints go to ``out_dir`` (best.pt, and resume.pt while running).
+          run_state: dict | None = None, cuda_graphs: bool | None = None, resume_dir: str | Path | None = None,
+          keep_resume: bool = False) -> TrainResult:
+    """Train ``cfg`` on ``ds``; the best checkpoint goes to ``out_dir``/best.pt.
+
+    The resume state (``resume_dir``/resume.pt, default ``out_dir``) is written at every
+    validation and holds everything to continue a killed run, the best weights included (DVC
+    deletes best.pt before it re-runs a stage). It is discarded, with the reason printed, when
+    params, data or training code differ. ``keep_resume`` leaves the final state in place for
+    the caller to remove once the run is safely recorded (the pipeline: after MLflow).
+    On a resume the restored history is handed to ``logger`` again (it skips what it has).
 
     ``run_state`` is extra plain data saved with the resume state (the MLflow run id), so a
     resumed run can report to the same place; the resumed copy is returned in the metrics.
@@ -235,29 +261,50 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     total_steps = steps_per_epoch * cfg.epochs
     history = History()
     best = {"val_loss": math.inf, "step": -1}
+    best_weights: dict[str, torch.Tensor] | None = None  # on the CPU
     start_step = 0
-    fingerprint = data_fingerprint(ds)
+    fingerprint, code = data_fingerprint(ds), code_digest(__name__)
     config_dict = cfg.to_dict()
-    resume_path, best_path = out_dir / RESUME, out_dir / BEST
+    resume_path, best_path = Path(resume_dir or out_dir) / RESUME, out_dir / BEST
+
+    def save_best() -> None:
+        save_checkpoint(best_path, {"model": best_weights, "config": config_dict, "classes": list(ds.classes), **best})
 
     resumed_from = None
     if resume_path.exists():
         state = load_checkpoint(resume_path)
-        if state.get("config") == config_dict and state.get("data") == fingerprint and best_path.exists():
+        why_not = resume_mismatch(state, config_dict, fingerprint, code)
+        if why_not is None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             _set_rng_state(state["rng"], device)
             history = History(**state["history"])
-            best = state["best"]
+            best, best_weights = state["best"], state["best_model"]
             start_step = resumed_from = state["step"]
             if run_state is not None:
                 run_state.update(state.get("run_state", {}))
-            print(f"resuming {cfg.name} from step {start_step} ({resume_path})")
+            if best_weights is not None:
+                save_best()  # DVC removed it before running the stage
+            print(f"resuming {cfg.name} from step {start_step} ({resume_path})", flush=True)
+            if logger is not None:  # what the killed process may not have logged
+                logger.log_train_losses(list(history.steps), list(history.losses))
+                for v in history.validations:
+                    logger.log_validation(v["step"], v["epoch"], v["val_loss"], v["val_acc"])
         else:
-            print(f"ignoring {resume_path}: it belongs to other params or data")
+            print(f"ignoring {resume_path}: {why_not}; training {cfg.name} from the start", flush=True)
             resume_path.unlink()
     if resumed_from is None:
         best_path.unlink(missing_ok=True)
+    saved_step = start_step if resumed_from is not None else -1
+
+    def save_resume() -> None:
+        nonlocal saved_step
+        save_checkpoint(resume_path, {
+            "config": config_dict, "data": fingerprint, "code": code, "step": step, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng": _rng_state(device), "history": history.to_dict(),
+            "best": best, "best_model": best_weights, "run_state": dict(run_state or {}),
+        })
+        saved_step = step
 
     model.train()
     step = start_step
@@ -282,10 +329,6 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     run_step: EagerStep | GraphedStep | None = None
     augment_ahead = AUGMENT_AHEAD_STEPS if device.type == "cuda" else 1
     started = time.perf_counter()
-
-    def save_best() -> None:
-        save_checkpoint(best_path, {"model": model.state_dict(), "config": config_dict,
-                                    "classes": list(ds.classes), **best})
 
     def flush_losses() -> None:
         if not pending_losses:
@@ -337,13 +380,10 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
                     logger.log_validation(step, record["epoch"], val_loss, val_acc)
                 if val_loss < best["val_loss"]:
                     best = {"val_loss": val_loss, "val_acc": val_acc, "step": step, "epoch": record["epoch"]}
+                    best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                     save_best()
                 stopped_early = should_stop([v["val_loss"] for v in history.validations], cfg.early_stop_count)
-                save_checkpoint(resume_path, {
-                    "config": config_dict, "data": fingerprint, "step": step, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "rng": _rng_state(device), "history": history.to_dict(),
-                    "best": best, "run_state": dict(run_state or {}),
-                })
+                save_resume()
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_loss=f"{val_loss:.3f}",
                                 val_acc=f"{val_acc:.3f}")
                 if bar.disable:
@@ -356,12 +396,15 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
         if not stopped_early:
             epoch += 1
     train_seconds = time.perf_counter() - started
-    if not best_path.exists():  # fewer steps than one validation interval: keep the final state
+    if best_weights is None:  # fewer steps than one validation interval: keep the final state
         val_loss, val_acc = evaluate(model, splits["val"], prep)
         best = {"val_loss": val_loss, "val_acc": val_acc, "step": step, "epoch": round(step / steps_per_epoch, 4)}
+        best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         save_best()
+    if saved_step != step:  # the steps after the last validation: a rerun need not repeat them
+        save_resume()
 
-    model.load_state_dict(load_checkpoint(best_path)["model"])
+    model.load_state_dict(best_weights)
     final = {f"{name}_{kind}": value for name in ("train", "val", "test")
              for kind, value in zip(("loss", "acc"), evaluate(model, splits[name], prep))}
     steps_run = step - start_step
@@ -373,8 +416,9 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
         "train_images_per_s": round(steps_run * cfg.batch_size / train_seconds, 1) if steps_run else None,
         "device": str(device), "cuda_graph": bool(run_step is not None and run_step.graphed), "n_train": n_train, "n_val": len(splits["val"]), "n_test": len(splits["test"]),
     }
-    resume_path.unlink(missing_ok=True)
-    return TrainResult(metrics, history, model, resumed_from)
+    if not keep_resume:
+        resume_path.unlink(missing_ok=True)
+    return TrainResult(metrics, history, model, resumed_from, resume_path)
 
 
 def load_best_model(path: str | Path) -> tuple[torch.nn.Module, RunConfig, dict]:
