@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -81,22 +82,23 @@ def git_commit(root: Path) -> str:
 class MlflowRun:
     """One MLflow run per training run; implements the training loop's RunLogger.
 
-    Metrics logged during training are buffered: when the store does not answer (a locked
-    sqlite file, a restarting server) training goes on and the buffer is written at a later
-    attempt, with a growing wait between attempts. ``flush`` at the end keeps trying for up to
-    ``FINAL_WAIT_S``. A resumed run skips the steps the store already holds, so no metric
+    Metrics logged during training are queued and written by a background thread, so a slow or
+    absent store (a locked sqlite file, a restarting server) never holds training up: failed
+    writes are kept and tried again with a growing wait. ``flush`` at the end waits for the
+    queue for up to ``FINAL_WAIT_S``; the calls after it retry for as long. A resumed run skips the steps the store already holds, so no metric
     history has a step twice.
     """
 
     def __init__(self, client: MlflowClient, run_id: str, logged_up_to: dict[str, int] | None = None) -> None:
         self.client = client
         self.run_id = run_id
-        self.seconds = 0.0  # time spent logging, to keep it a small share of training
-        self.logged_up_to = dict(logged_up_to or {})  # metric -> the last step the store holds
-        self.pending: list[Metric] = []
-        self.failures = 0
-        self.next_attempt = 0.0  # time.monotonic() before which no write is tried
+        self.seconds = 0.0  # time the training loop spent handing metrics over
+        self.logged_up_to = dict(logged_up_to or {})  # metric -> the last step the store holds (or is queued)
         self.last_error = ""
+        self._pending: list[Metric] = []
+        self._busy = False  # the writer holds a batch it has not written yet
+        self._cond = threading.Condition()
+        self._writer: threading.Thread | None = None
 
     @classmethod
     def start(cls, experiment: str, run_name: str, tags: dict[str, str], resume_id: str | None = None,
@@ -163,37 +165,65 @@ class MlflowRun:
         for i in range(0, len(metrics), BATCH_LIMIT):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH_LIMIT])
 
+    def _write_forever(self) -> None:
+        """The writer thread: the store's slowness or absence costs training nothing."""
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                batch, self._pending, self._busy = self._pending, [], True
+            try:
+                self._write(batch)
+            except Exception as err:  # noqa: BLE001 - keep the batch, wait, try again
+                failures += 1
+                self.last_error = f"{type(err).__name__}: {_first_line(err)}"
+                wait = min(2.0 ** failures, MAX_BACKOFF_S)
+                if failures == 1:
+                    print(f"MLflow store not answering ({self.last_error}); training goes on and its metrics "
+                          f"are kept to write later", flush=True)
+                with self._cond:
+                    self._pending[:0] = batch
+                    self._busy = False
+                    self._cond.notify_all()
+                time.sleep(wait)
+                continue
+            if failures:
+                print(f"MLflow store answers again after {failures} failed tries: buffered metrics written", flush=True)
+            failures = 0
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
     def log_metrics(self, metrics: list[Metric]) -> None:
-        """Buffer ``metrics`` (minus steps the store already holds) and try to write the buffer."""
+        """Queue ``metrics`` (minus steps the store already holds) for the writer thread."""
+        started = time.perf_counter()
+        fresh = []
         for m in metrics:
             if m.step > self.logged_up_to.get(m.key, -1):
-                self.pending.append(m)
+                fresh.append(m)
                 self.logged_up_to[m.key] = m.step
-        if not self.pending or time.monotonic() < self.next_attempt:
-            return
-        started = time.perf_counter()
-        try:
-            self._write(self.pending)
-        except Exception as err:  # noqa: BLE001 - training must not stop for the tracking store
-            self.failures += 1
-            self.last_error = f"{type(err).__name__}: {_first_line(err)}"
-            wait = min(2.0 ** self.failures, MAX_BACKOFF_S)
-            self.next_attempt = time.monotonic() + wait
-            print(f"MLflow store not answering ({self.last_error}); training goes on, {len(self.pending)} "
-                  f"metric values kept to write later (next try in {wait:.0f} s)", flush=True)
-        else:
-            if self.failures:
-                print(f"MLflow store answers again: wrote {len(self.pending)} buffered metric values", flush=True)
-            self.pending.clear()
-            self.failures, self.next_attempt = 0, 0.0
-        finally:
-            self.seconds += time.perf_counter() - started
+        if fresh:
+            with self._cond:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_forever, name="mlflow-writer", daemon=True)
+                    self._writer.start()
+                self._pending.extend(fresh)
+                self._cond.notify_all()
+        self.seconds += time.perf_counter() - started
 
     def flush(self) -> None:
-        """Write every buffered metric, waiting for the store up to FINAL_WAIT_S."""
-        if self.pending:
-            self._retrying("write buffered metrics", self._write, self.pending)
-            self.pending.clear()
+        """Wait until every queued metric is written, up to FINAL_WAIT_S (then a one-line error)."""
+        deadline = time.monotonic() + FINAL_WAIT_S
+        with self._cond:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise UserError(
+                        f"MLflow: the store {tracking_uri()} did not take the run's metrics for {FINAL_WAIT_S:g} s "
+                        f"({self.last_error or 'no answer'}); the trained checkpoint is kept, so once the store "
+                        f"answers `dvc repro` logs this run without training again")
+                self._cond.wait(timeout=min(left, 1.0))
 
     def log_train_losses(self, steps: list[int], losses: list[float]) -> None:
         now = int(time.time() * 1000)

@@ -1,0 +1,199 @@
+"""What a user sees when something outside the code goes wrong: a full disk, a read-only
+folder, a busy tracking store, a store that is down during evaluation. One line, a FAILED
+MLflow run (never RUNNING), no half-written output, and training that survives a busy store."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, tiny_dataset, tiny_params, tiny_run, write_params
+from mlflow.tracking import MlflowClient
+
+from cifarcnn import tracking
+from cifarcnn.errors import UserError
+from cifarcnn.fsutil import staged_outputs, write_json, write_text
+from cifarcnn.pipeline import train_and_track
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    return tmp_path
+
+
+@contextlib.contextmanager
+def small_mount(path: Path, options: str):
+    """A tmpfs at ``path`` (root only); skips the test, saying why, where it cannot be made."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = f"cannot mount a tmpfs here ({(proc.stderr or proc.stdout).strip() or 'not root'}); skipped"
+        print(reason)
+        pytest.skip(reason)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        with staged_outputs(tmp_path / "run") as staged:
+            write_text(staged / "b.csv", "x\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "run" / "b.csv").stat().st_mode & 0o777 == mode
+
+
+def test_staged_outputs_appear_together_or_not_at_all(tmp_path):
+    (tmp_path / "eval.json").write_text("old")
+    with pytest.raises(RuntimeError), staged_outputs(tmp_path) as staged:
+        write_text(staged / "curves.png", "new")
+        raise RuntimeError("the tracking store went away")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+    assert (tmp_path / "eval.json").read_text() == "old"
+
+
+def test_read_only_folder_is_one_line(tmp_path):
+    with small_mount(tmp_path / "ro", "ro,size=1m") as ro:
+        with pytest.raises(UserError) as err:
+            write_json(ro / "results" / "train.json", {})
+    message = str(err.value)
+    assert "\n" not in message and str(ro / "results") in message
+    assert "not writable" in message or "Read-only" in message
+
+
+def test_disk_full_during_training_is_one_line_and_a_failed_run(store):
+    """The checkpoint folder on a 1 MB disk: the first best.pt (1.6 MB) does not fit."""
+    cfg = tiny_run("task2", batch_size=32, evals_per_epoch=2)
+    with small_mount(store / "small", "size=1m") as small:
+        with pytest.raises(UserError) as err:
+            train_and_track(cfg, tiny_dataset(300, 60), small / "models", store / "results")
+        leftovers = sorted(p.name for p in (small / "models").iterdir())
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"could not write {small / 'models'}/") and "the disk is full" in message, message
+    assert leftovers == []  # no half-written checkpoint
+    assert not (store / "results").exists() or not any((store / "results").iterdir())
+    client = MlflowClient(tracking.tracking_uri())
+    runs = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+LOCKER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=60)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+"""
+
+
+def test_busy_store_does_not_stop_training(store, monkeypatch):
+    """Another process holds mlflow.db's write lock from just after the run starts until after
+    training ends (longer than a validation interval): training goes on, the metrics are
+    written once the lock is gone, nothing twice."""
+    monkeypatch.setattr(tracking, "FINAL_WAIT_S", 90.0)
+    cfg = tiny_run("task2", batch_size=16, evals_per_epoch=2, epochs=3)
+    lockers = []
+    real_log_params = tracking.MlflowRun.log_params
+
+    def log_params_then_lock(self, params):
+        real_log_params(self, params)
+        locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(store / "mlflow.db"), "12"],
+                                  stdout=subprocess.PIPE, text=True)
+        assert locker.stdout.readline().strip() == "locked"
+        lockers.append((locker, time.monotonic()))
+
+    monkeypatch.setattr(tracking.MlflowRun, "log_params", log_params_then_lock)
+    metrics = train_and_track(cfg, tiny_dataset(300, 60), store / "models", store / "results")
+    locker, locked_at = lockers[0]
+    assert locker.wait(timeout=60) == 0
+    assert metrics["train_seconds"] < 6  # not held up by the 12 s lock
+    assert metrics["mlflow_logging_seconds"] < 1
+    client = MlflowClient(tracking.tracking_uri())
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == list(range(1, metrics["steps"] + 1))
+    assert len({m.step for m in client.get_metric_history(run.info.run_id, "val_loss")}) == metrics["steps"] // 8
+    assert json.loads((store / "results" / "train.json").read_text())["mlflow_run_id"] == run.info.run_id
+
+
+def test_store_down_during_evaluate_leaves_the_outputs_as_they_were(store, monkeypatch):
+    monkeypatch.chdir(store)
+    write_params(store / "params.yaml", tiny_params())
+    ds = tiny_dataset(300, 60)
+    ds.save(store / "data" / "cifar10.npz")
+    train_and_track(tiny_run("task2", batch_size=32), ds, store / "models" / "task2", store / "results" / "task2")
+    results = store / "results" / "task2"
+    for name in ("eval.json", "curves.png", "confusion.png"):
+        (results / name).write_text("previous")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2"], cwd=store,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "MLflow tracking store http://127.0.0.1:9 is not usable" in proc.stderr
+    assert {n: (results / n).read_text() for n in ("eval.json", "curves.png", "confusion.png")} == dict.fromkeys(
+        ("eval.json", "curves.png", "confusion.png"), "previous")
+    assert not list(results.glob(".staging-*"))
+
+
+class FlakyClient:
+    """A store that refuses the first ``failures`` writes, then takes everything."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls, self.written = failures, 0, []
+
+    def log_batch(self, run_id, metrics=()):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked\n[SQL: INSERT ...]")
+        self.written.extend(metrics)
+
+
+def test_refused_writes_are_retried_and_written_once(monkeypatch, capsys):
+    monkeypatch.setattr(tracking, "MAX_BACKOFF_S", 0.05)
+    client = FlakyClient(failures=3)
+    run = tracking.MlflowRun(client, "run-1")
+    for start in range(0, 100, 10):
+        run.log_train_losses(list(range(start + 1, start + 11)), [0.5] * 10)
+    run.log_train_losses([5, 6], [0.5, 0.5])  # already queued: not again
+    run.flush()
+    assert [m.step for m in client.written] == list(range(1, 101))
+    out = capsys.readouterr().out
+    assert out.count("MLflow store not answering (RuntimeError: (sqlite3.OperationalError) database is locked); training goes on") == 1
+    assert "answers again after 3 failed tries" in out
+
+
+def test_store_that_never_answers_ends_in_one_line(monkeypatch):
+    monkeypatch.setattr(tracking, "MAX_BACKOFF_S", 0.05)
+    monkeypatch.setattr(tracking, "FINAL_WAIT_S", 1.0)
+    run = tracking.MlflowRun(FlakyClient(failures=10 ** 9), "run-1")
+    run.log_train_losses([1, 2], [0.5, 0.4])
+    with pytest.raises(UserError, match=r"did not take the run's metrics for 1 s \(RuntimeError: .*database is locked\); "
+                                        r"the trained checkpoint is kept, so once the store answers `dvc repro` logs"):
+        run.flush()
+
+
+def test_resumed_run_skips_steps_the_store_holds():
+    client = FlakyClient(failures=0)
+    run = tracking.MlflowRun(client, "run-1", logged_up_to={"train_loss": 40, "val_loss": 40})
+    run.log_train_losses(list(range(1, 61)), [0.1] * 60)
+    run.log_validation(40, 1.0, 0.3, 0.9)
+    run.log_validation(60, 1.5, 0.2, 0.9)
+    run.flush()
+    assert [m.step for m in client.written if m.key == "train_loss"] == list(range(41, 61))
+    assert [m.step for m in client.written if m.key == "val_loss"] == [60]
