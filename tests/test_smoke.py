@@ -207,3 +207,106 @@ def test_mlflow_server_serves_comparable_runs(project):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+# --- failures through the real entry points (these change params.yaml; they run last) ----------
+
+def mlflow_runs(repo: Path) -> list:
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("cifar10-cnn-report").experiment_id])
+
+
+def set_param(repo: Path, key: str, value: str) -> None:
+    text, n = re.subn(rf"^(\s*{key}:) \S+", rf"\g<1> {value}", (repo / "params.yaml").read_text(), count=1, flags=re.M)
+    assert n == 1, key
+    (repo / "params.yaml").write_text(text)
+
+
+def kill_stage_process(repo: Path, marker: str, when) -> None:
+    """SIGKILL the stage's python process (not DVC) as soon as ``when()`` holds."""
+    import signal
+    import time
+
+    deadline = time.time() + 300
+    while not when():
+        assert time.time() < deadline, "the condition to kill never held"
+        time.sleep(0.02)
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if marker in cmdline and "python" in cmdline and Path(cwd) == repo:
+            os.kill(int(proc.name), signal.SIGKILL)
+            return
+    raise AssertionError(f"no process running {marker}")
+
+
+def test_output_files_follow_the_umask(project):
+    repo, env, _ = project
+    for rel in ("results/task2/train.json", "results/task2/curves.csv", "reports/report.md", "results/task2/eval.json"):
+        assert (repo / rel).stat().st_mode & 0o777 == 0o666 & ~_umask(), rel
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_killed_training_resumes_under_dvc_repro(project):
+    """SIGKILL of `python stages/train.py task3e` mid-run; `dvc repro` again resumes it in the same
+    MLflow run, with no step logged twice, and ends with the numbers of an unbroken run."""
+    repo, env, _ = project
+    original = (repo / "params.yaml").read_text()
+    set_param(repo, "max_epochs", "6")  # 6 epochs x 8 steps: long enough to be killed in the middle
+    resume = repo / "models" / "task3e" / "resume.pt"
+    try:
+        dvc = subprocess.Popen(["dvc", "repro", "train@task3e"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        kill_stage_process(repo, "stages/train.py task3e", resume.exists)
+        killed_output = dvc.communicate(timeout=300)[0]
+        assert dvc.returncode != 0, killed_output
+        assert resume.exists()
+        resumed = sh(["dvc", "repro", "train@task3e"], repo, env)
+        assert re.search(r"resuming task3e from step \d+", resumed), resumed
+        assert not resume.exists()  # removed once MLflow holds the run
+        metrics = json.loads((repo / "results" / "task3e" / "train.json").read_text())
+        assert metrics["resumed_from_step"] and metrics["steps"] > metrics["resumed_from_step"]
+        client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+        run = client.get_run(metrics["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        for key in ("train_loss", "val_loss", "val_acc"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), f"{key} has a step twice"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, metrics["steps"] + 1))
+        # The same params again, never interrupted: the same numbers (the CPU is deterministic).
+        unbroken = sh(["dvc", "repro", "-f", "train@task3e"], repo, env)
+        assert "resuming" not in unbroken
+        again = json.loads((repo / "results" / "task3e" / "train.json").read_text())
+        keys = [k for k in again if k.endswith(("_acc", "_loss"))] + ["best_step", "steps"]
+        assert {k: metrics[k] for k in keys} == {k: again[k] for k in keys}
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
+def test_failed_run_then_fixed_brings_results_back_without_training(project):
+    """A bad param fails the stage after DVC removed its outputs; putting the param back and
+    `dvc repro` restores the earlier results from DVC's run cache: no training, no MLflow run."""
+    repo, env, _ = project
+    original = (repo / "params.yaml").read_text()
+    sh(["dvc", "repro"], repo, env)  # the workspace as the params say
+    before = (repo / "results" / "task2" / "train.json").read_text()
+    runs_before = len(mlflow_runs(repo))
+    text = re.sub(r"(?m)^(  task2:.*\n(?:    .*\n)*?    lr:) \S+", r"\g<1> -1", original, count=1)
+    assert text != original
+    (repo / "params.yaml").write_text(text)
+    proc = subprocess.run(["dvc", "repro", "train@task2"], cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "runs.task2.lr: must be > 0" in proc.stdout + proc.stderr
+    (repo / "params.yaml").write_text(original)
+    restored = sh(["dvc", "repro"], repo, env)
+    assert "train@task2" not in ran_stages(restored), restored
+    assert (repo / "results" / "task2" / "train.json").read_text() == before
+    assert len(mlflow_runs(repo)) == runs_before
+    assert "up to date" in sh(["dvc", "status"], repo, env)
