@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -197,3 +198,40 @@ def test_resumed_run_skips_steps_the_store_holds():
     run.flush()
     assert [m.step for m in client.written if m.key == "train_loss"] == list(range(41, 61))
     assert [m.step for m in client.written if m.key == "val_loss"] == [60]
+
+
+def test_store_down_at_the_end_keeps_the_training_and_the_next_run_only_logs(store, monkeypatch, capsys):
+    """The store stops taking writes during training and is still down at the end: the stage
+    fails with one line, writes no results, keeps the finished state; the next run (store back)
+    logs the same MLflow run without training again."""
+    monkeypatch.setattr(tracking, "FINAL_WAIT_S", 1.0)
+    monkeypatch.setattr(tracking, "MAX_BACKOFF_S", 0.1)
+    real_write = tracking.MlflowRun._write
+
+    def refuse(self, metrics):
+        raise ConnectionError("server restarting")
+
+    monkeypatch.setattr(tracking.MlflowRun, "_write", refuse)
+    cfg = tiny_run("task2", batch_size=32, evals_per_epoch=2)
+    ds = tiny_dataset(300, 60)
+    with pytest.raises(UserError, match=r"did not take the run's metrics for 1 s \(ConnectionError: server restarting\)"):
+        train_and_track(cfg, ds, store / "models", store / "results")
+    assert (store / "models" / "resume.pt").exists() and (store / "models" / "best.pt").exists()
+    assert not (store / "results").exists() or not list((store / "results").iterdir())
+    client = MlflowClient(tracking.tracking_uri())
+    (failed,) = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    assert failed.info.status == "FAILED"
+
+    monkeypatch.setattr(tracking.MlflowRun, "_write", real_write)
+    (store / "models" / "best.pt").unlink()  # as DVC does before it runs the stage again
+    capsys.readouterr()
+    metrics = train_and_track(cfg, ds, store / "models", store / "results")
+    assert re.search(rf"resuming task2 from step {metrics['steps']} ", capsys.readouterr().out)
+    assert metrics["mlflow_run_id"] == failed.info.run_id and metrics["resumed_from_step"] == metrics["steps"]
+    run = client.get_run(failed.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, metrics["steps"] + 1))
+    assert not (store / "models" / "resume.pt").exists()
+    unbroken = train_and_track(cfg, ds, store / "models2", store / "results2")
+    assert {k: unbroken[k] for k in unbroken if k.endswith(("_acc", "_loss"))} == \
+        {k: metrics[k] for k in metrics if k.endswith(("_acc", "_loss"))}

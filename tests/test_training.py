@@ -270,3 +270,36 @@ def test_augmenting_several_steps_at_once_gives_each_step_its_batch(ahead):
         assert torch.equal(y1, y2)
         torch.testing.assert_close(x1, x2, atol=1e-6, rtol=0)
     assert not torch.equal(one[0][0], one[1][0])
+
+
+@pytest.mark.parametrize("change, reason", [
+    ("params", "it was saved with other params"),
+    ("data", "it was saved with other data"),
+    ("code", "the training code changed since it was saved"),
+])
+def test_resume_state_is_discarded_with_the_reason(change, reason, tmp_path, monkeypatch, capsys):
+    cfg = tiny_run("task2", batch_size=32)
+    train(cfg, tiny_dataset(200, 40), tmp_path, keep_resume=True)
+    assert (tmp_path / RESUME).exists()  # the finished state, kept for the caller
+    ds = tiny_dataset(200, 40)
+    if change == "params":
+        cfg = tiny_run("task2", batch_size=32, lr=0.01)
+    elif change == "data":
+        ds = tiny_dataset(200, 40, seed=5)
+    else:
+        monkeypatch.setattr(training, "code_digest", lambda module: "edited")
+    capsys.readouterr()
+    result = train(cfg, ds, tmp_path)
+    assert result.resumed_from_step is None
+    assert f"ignoring {tmp_path / RESUME}: {reason}; training task2 from the start" in capsys.readouterr().out
+
+
+def test_a_finished_state_resumes_without_training(tmp_path, capsys):
+    cfg = tiny_run("task2", batch_size=32)
+    first = train(cfg, tiny_dataset(200, 40), tmp_path, keep_resume=True)
+    (tmp_path / BEST).unlink()  # DVC removes outputs before re-running
+    capsys.readouterr()
+    again = train(cfg, tiny_dataset(200, 40), tmp_path)
+    assert again.resumed_from_step == first.metrics["steps"] == again.metrics["steps"]
+    assert again.metrics["test_acc"] == first.metrics["test_acc"] and (tmp_path / BEST).exists()
+    assert f"step {first.metrics['steps']}/" not in capsys.readouterr().out  # no training step ran

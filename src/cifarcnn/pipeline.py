@@ -88,6 +88,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
         result.resume_path.unlink(missing_ok=True)  # the run is recorded: nothing left to resume
         return metrics
     except BaseException:
+        run.abandon()
         try:
             run.finish("FAILED")
         except Exception:  # noqa: BLE001 - the original error matters more

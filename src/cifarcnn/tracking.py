@@ -99,6 +99,7 @@ class MlflowRun:
         self._busy = False  # the writer holds a batch it has not written yet
         self._cond = threading.Condition()
         self._writer: threading.Thread | None = None
+        self._abandoned = False  # the run failed: the writer drops what it holds and stops
 
     @classmethod
     def start(cls, experiment: str, run_name: str, tags: dict[str, str], resume_id: str | None = None,
@@ -170,8 +171,10 @@ class MlflowRun:
         failures = 0
         while True:
             with self._cond:
-                while not self._pending:
+                while not self._pending and not self._abandoned:
                     self._cond.wait()
+                if self._abandoned:
+                    return
                 batch, self._pending, self._busy = self._pending, [], True
             try:
                 self._write(batch)
@@ -219,6 +222,9 @@ class MlflowRun:
             while self._pending or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self._abandoned = True  # what was not written is logged by the next run
+                    self._pending.clear()
+                    self._cond.notify_all()
                     raise UserError(
                         f"MLflow: the store {tracking_uri()} did not take the run's metrics for {FINAL_WAIT_S:g} s "
                         f"({self.last_error or 'no answer'}); the trained checkpoint is kept, so once the store "
@@ -256,6 +262,13 @@ class MlflowRun:
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                 )
         self._retrying("log model", _log)
+
+    def abandon(self) -> None:
+        """Stop the writer: after a failure the next run logs what is missing."""
+        with self._cond:
+            self._abandoned = True
+            self._pending.clear()
+            self._cond.notify_all()
 
     def finish(self, status: str = "FINISHED") -> None:
         if status == "FINISHED":
