@@ -237,7 +237,7 @@ def kill_stage_process(repo: Path, marker: str, when) -> None:
             cwd = os.readlink(proc / "cwd")
         except OSError:
             continue
-        if marker in cmdline and "python" in cmdline and Path(cwd) == repo:
+        if marker in cmdline and "python" in cmdline and (Path(cwd) == repo or repo in Path(cwd).parents):
             os.kill(int(proc.name), signal.SIGKILL)
             return
     raise AssertionError(f"no process running {marker}")
@@ -289,6 +289,42 @@ def test_killed_training_resumes_under_dvc_repro(project):
         assert {k: metrics[k] for k in keys} == {k: again[k] for k in keys}
     finally:
         (repo / "params.yaml").write_text(original)
+
+
+def start_queue(repo: Path, env: dict) -> None:
+    """`dvc queue start`: its worker outlives it, so its output must not be a pipe we wait on."""
+    subprocess.run(["dvc", "queue", "start"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=120)
+
+
+def test_killed_queued_experiment_resumes_on_the_next_run(project):
+    """`dvc exp run --queue` trains in a temporary copy; the resume state lives in the real
+    repository, so a queued run killed mid-way continues when the experiment is queued again."""
+    import time
+
+    repo, env, _ = project
+    resume = repo / "models" / "task3e" / "resume.pt"
+    resume.unlink(missing_ok=True)
+    args = ["dvc", "exp", "run", "--queue", "train@task3e", "-S", "train.max_epochs=6", "-S", "lr=0.0007"]
+    try:
+        sh([*args, "--name", "killed"], repo, env)
+        start_queue(repo, env)
+        kill_stage_process(repo, "stages/train.py task3e", resume.exists)
+        deadline = time.time() + 300
+        while "Failed" not in sh(["dvc", "queue", "status"], repo, env):
+            assert time.time() < deadline, sh(["dvc", "queue", "status"], repo, env)
+            time.sleep(1)
+        assert resume.exists()
+        sh([*args, "--name", "again"], repo, env)
+        start_queue(repo, env)
+        while "Success" not in sh(["dvc", "queue", "status"], repo, env):
+            assert time.time() < deadline, sh(["dvc", "queue", "status"], repo, env)
+            time.sleep(1)
+        log = sh(["dvc", "queue", "logs", "again"], repo, env)
+        assert re.search(r"resuming task3e from step \d+", log), log
+        assert not resume.exists()
+    finally:
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)
 
 
 def test_failed_run_then_fixed_brings_results_back_without_training(project):
