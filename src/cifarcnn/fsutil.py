@@ -33,12 +33,13 @@ def write_error(path: str | os.PathLike, err: BaseException) -> UserError:
     except (OSError, StopIteration):
         free = None
     if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < 64 * 1024 * 1024):
-        hint = f"the disk is full ({free if free is not None else '?'} bytes free); free space and re-run"
-    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = f"{path.parent} is not writable; fix its permissions (or mount) and re-run"
-    else:
-        hint = "fix the cause and re-run"
-    return UserError(f"could not write {path}: {reason}; {hint}")
+        # torch's writer says "unexpected pos ..." for a full disk: name the cause instead
+        return UserError(f"could not write {path}: the disk is full ({free if free is not None else '?'} bytes "
+                         f"free); free space and re-run")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"could not write {path}: {reason}; {path.parent} is not writable: fix its permissions "
+                         f"(or mount) and re-run")
+    return UserError(f"could not write {path}: {reason}; fix the cause and re-run")
 
 
 @contextlib.contextmanager
