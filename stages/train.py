@@ -19,9 +19,9 @@ DATA = Path("data/cifar10.npz")
 def main(run_name: str) -> None:
     cfg = resolve_run(load_params(), run_name)  # validated before any work
     metrics = train_and_track(cfg, Dataset.load(DATA), Path("models") / run_name, Path("results") / run_name)
-    print(f"{run_name}: train {metrics['train_acc']:.2%}, val {metrics['val_acc']:.2%}, "
-          f"test {metrics['test_acc']:.2%} (best step {metrics['best_step']}, {metrics['train_seconds']:.0f} s); "
-          f"MLflow run {metrics['mlflow_run_id']}")
+    print(f"{run_name}: best validation loss {metrics['best_val_loss']:.4f}, accuracy {metrics['best_val_acc']:.2%} "
+          f"at step {metrics['best_step']} ({metrics['train_seconds']:.0f} s of training); "
+          f"MLflow run {metrics['mlflow_run_id']}; `evaluate@{run_name}` scores it on every split")
 
 
 if __name__ == "__main__":

@@ -81,10 +81,14 @@ def test_repro_runs_every_stage(project):
     assert set(runs) == set(RUNS)
     for name in RUNS:
         metrics = json.loads((repo / "results" / name / "train.json").read_text())
-        assert 0 <= metrics["test_acc"] <= 1 and metrics["n_train"] == 270 and metrics["n_test"] == 60
+        evaluation = json.loads((repo / "results" / name / "eval.json").read_text())
+        assert 0 <= evaluation["test_acc"] <= 1 and metrics["n_train"] == 270 and metrics["n_test"] == 60
+        assert not {"train_acc", "val_acc", "test_acc"} & set(metrics)  # scored once, by evaluate
+        assert evaluation["val_loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-5)
         run = runs[name]
         assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
-        assert run.data.metrics["final_test_acc"] == pytest.approx(metrics["test_acc"])
+        assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])
+        assert not [k for k in run.data.metrics if k.startswith("final_")]
         assert run.data.params["run"] == name
         assert (repo / "models" / name / "best.pt").exists()
         assert (repo / "results" / name / "curves.png").read_bytes().startswith(b"\x89PNG")
@@ -199,7 +203,7 @@ def test_mlflow_server_serves_comparable_runs(project):
             params = {p["key"]: p["value"] for p in r["data"].get("params", [])}
             metrics = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
             assert {"lr", "batch_size", "optimizer", "model", "epochs", "train.seed"} <= set(params), r["info"]["run_name"]
-            assert {"final_test_acc", "final_val_acc", "train_loss", "val_loss", "val_acc"} <= set(metrics)
+            assert {"eval_test_acc", "eval_val_acc", "best_val_loss", "train_loss", "val_loss", "val_acc"} <= set(metrics)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -285,7 +289,7 @@ def test_killed_training_resumes_under_dvc_repro(project):
         unbroken = sh(["dvc", "repro", "-f", "train@task3e"], repo, env)
         assert "resuming" not in unbroken
         again = json.loads((repo / "results" / "task3e" / "train.json").read_text())
-        keys = [k for k in again if k.endswith(("_acc", "_loss"))] + ["best_step", "steps"]
+        keys = ["best_val_loss", "best_val_acc", "best_step", "steps"]
         assert {k: metrics[k] for k in keys} == {k: again[k] for k in keys}
     finally:
         (repo / "params.yaml").write_text(original)

@@ -41,7 +41,8 @@ def test_training_run_contents(store):
     assert [m.step for m in train_loss] == list(range(1, metrics["steps"] + 1))
     val = client.get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in val] == [4, 8]
-    assert run.data.metrics["final_test_acc"] == pytest.approx(metrics["test_acc"])
+    assert run.data.metrics["best_val_loss"] == pytest.approx(metrics["best_val_loss"])
+    assert "test_acc" not in metrics and not [k for k in run.data.metrics if k.startswith("final_")]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "checkpoint" in artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
@@ -81,7 +82,7 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     evaluation = json.loads((store / "results" / "task2" / "eval.json").read_text())
     assert evaluation["mlflow_run_id"] == trained["mlflow_run_id"]
-    assert evaluation["test_acc"] == pytest.approx(trained["test_acc"])
+    assert evaluation["val_loss"] == pytest.approx(trained["best_val_loss"], rel=1e-5)
     client = MlflowClient(tracking.tracking_uri())
     run = client.get_run(trained["mlflow_run_id"])
     assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])

@@ -59,7 +59,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
     try:
         run.log_params(cfg.flat_params())
         result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
-                       resume_dir=resume_in, keep_resume=True)
+                       resume_dir=resume_in, keep_resume=True, score=False)  # the evaluate stage scores it
         logging_seconds = run.seconds  # params + per-step/validation metrics, during training
         metrics = {**result.metrics, "mlflow_run_id": run.run_id,
                    "resumed_from_step": result.resumed_from_step,
@@ -75,7 +75,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
             write_text(staged / "train_loss.csv", csv_text(block_rows, LOSS_BLOCK_FIELDS))
             write_text(staged / "curves.csv", csv_text(h.validations, CURVE_FIELDS))
             run.flush()
-            run.log_summary({k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))})
+            run.log_summary({k: metrics[k] for k in ("best_val_loss", "best_val_acc")}, prefix="")
             run.log_artifact(model_dir / BEST, "checkpoint")
             model = result.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
             example = np.zeros((2, 3, cfg.input.size, cfg.input.size), dtype=np.float32)

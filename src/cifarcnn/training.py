@@ -6,7 +6,8 @@ early stopping, augmentation and input size. Semantics kept from the original:
 - a fixed-seed validation split, validation every ``steps_per_epoch // evals_per_epoch`` steps;
 - early stopping when the oldest of the last ``early_stop_count`` validation losses is the
   lowest of them;
-- the best checkpoint is the one with the lowest validation loss; final numbers come from it.
+- the best checkpoint is the one with the lowest validation loss; final numbers come from it
+  (scored by the evaluate stage in the pipeline, by ``train(score=True)`` elsewhere).
 
 Fixed on purpose: augmentation only on training batches; accuracy counted per image.
 """
@@ -223,7 +224,7 @@ class TrainResult:
 
 def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | None = None,
           run_state: dict | None = None, cuda_graphs: bool | None = None, resume_dir: str | Path | None = None,
-          keep_resume: bool = False) -> TrainResult:
+          keep_resume: bool = False, score: bool = True) -> TrainResult:
     """Train ``cfg`` on ``ds``; the best checkpoint goes to ``out_dir``/best.pt.
 
     The resume state (``resume_dir``/resume.pt, default ``out_dir``) is written at every
@@ -235,6 +236,8 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
 
     ``run_state`` is extra plain data saved with the resume state (the MLflow run id), so a
     resumed run can report to the same place; the resumed copy is returned in the metrics.
+    ``score``: the best checkpoint's loss and accuracy on train/val/test in the metrics (the
+    pipeline leaves this to its evaluate stage, so each checkpoint is scored once).
     ``cuda_graphs``: True replays each step from a CUDA graph on CUDA; False never; None takes
     ``CUDA_GRAPHS_BY_DEFAULT``.
     """
@@ -406,11 +409,11 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
 
     model.load_state_dict(best_weights)
     final = {f"{name}_{kind}": value for name in ("train", "val", "test")
-             for kind, value in zip(("loss", "acc"), evaluate(model, splits[name], prep))}
+             for kind, value in zip(("loss", "acc"), evaluate(model, splits[name], prep))} if score else {}
     steps_run = step - start_step
     metrics = {
         **final,
-        "best_step": best["step"], "best_epoch": best["epoch"], "steps": step,
+        "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"], "best_step": best["step"], "best_epoch": best["epoch"], "steps": step,
         "epochs_run": round(step / steps_per_epoch, 4), "stopped_early": stopped_early,
         "train_seconds": round(train_seconds, 2),
         "train_images_per_s": round(steps_run * cfg.batch_size / train_seconds, 1) if steps_run else None,
