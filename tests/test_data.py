@@ -284,7 +284,7 @@ def test_trickling_server_fails_within_the_no_progress_limit(tmp_path, monkeypat
         fetch_mod.fetch(f"{url}/cifar.tar.gz", tmp_path / "dl", algorithm="md5", expected="0" * 32, what="data.source")
     took = time.monotonic() - started
     message = str(err.value)
-    assert 2 <= took < 6, took
+    assert 2 <= took < 30, took  # the 2 s window, not the 300 s the server would trickle for
     assert re.search(rf"data\.source: {url}/cifar\.tar\.gz sent \d+ bytes in 2 s \(less than 16384 bytes per 2 s\); "
                      rf"gave up after \d+ bytes\. .*put it at {re.escape(str(tmp_path / 'dl' / 'cifar.tar.gz'))}", message), message
     assert not any((tmp_path / "dl").iterdir())  # no partial file left
@@ -295,4 +295,4 @@ def test_slow_server_fails_at_the_total_limit(tmp_path, monkeypatch):
     started = time.monotonic()
     with serve_directory(tmp_path, handler=TrickleHandler) as url, pytest.raises(UserError, match=r"took longer than the 1\.5 s limit; gave up after \d+ bytes"):
         fetch_mod.fetch(f"{url}/cifar.tar.gz", tmp_path / "dl", algorithm="md5", expected="0" * 32, what="data.source")
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 30  # the 1.5 s limit, not the 300 s of trickling
