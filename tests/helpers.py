@@ -14,6 +14,15 @@ from cifarcnn.data import Dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def merged(folder: Path, metrics_file: str, beside: str) -> dict:
+    """A stage's metrics file (numbers only) with the non-numbers written beside it."""
+    import json
+
+    numbers = json.loads((folder / metrics_file).read_text())
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()), numbers
+    return {**numbers, **json.loads((folder / beside).read_text())}
+
+
 def real_params() -> dict:
     return load_params(ROOT / "params.yaml")
 

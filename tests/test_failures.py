@@ -141,7 +141,7 @@ def test_busy_store_does_not_stop_training(store, monkeypatch):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert steps == list(range(1, metrics["steps"] + 1))
     assert len({m.step for m in client.get_metric_history(run.info.run_id, "val_loss")}) == metrics["steps"] // 8
-    assert json.loads((store / "results" / "train.json").read_text())["mlflow_run_id"] == run.info.run_id
+    assert json.loads((store / "results" / "run.json").read_text())["mlflow_run_id"] == run.info.run_id
 
 
 def test_store_down_during_evaluate_leaves_the_outputs_as_they_were(store, monkeypatch):
@@ -151,15 +151,15 @@ def test_store_down_during_evaluate_leaves_the_outputs_as_they_were(store, monke
     ds.save(store / "data" / "cifar10.npz")
     train_and_track(tiny_run("task2", batch_size=32), ds, store / "models" / "task2", store / "results" / "task2")
     results = store / "results" / "task2"
-    for name in ("eval.json", "curves.png", "confusion.png"):
+    outputs = ("eval.json", "eval_detail.json", "curves.png", "confusion.png")
+    for name in outputs:
         (results / name).write_text("previous")
     env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2"], cwd=store,
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "MLflow tracking store http://127.0.0.1:9 is not usable" in proc.stderr
-    assert {n: (results / n).read_text() for n in ("eval.json", "curves.png", "confusion.png")} == dict.fromkeys(
-        ("eval.json", "curves.png", "confusion.png"), "previous")
+    assert {n: (results / n).read_text() for n in outputs} == dict.fromkeys(outputs, "previous")
     assert not list(results.glob(".staging-*"))
 
 

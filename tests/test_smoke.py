@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fixtures import serve_directory, stripes_photo, write_archive
-from helpers import ROOT
+from helpers import ROOT, merged
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.smoke
@@ -80,8 +80,8 @@ def test_repro_runs_every_stage(project):
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert set(runs) == set(RUNS)
     for name in RUNS:
-        metrics = json.loads((repo / "results" / name / "train.json").read_text())
-        evaluation = json.loads((repo / "results" / name / "eval.json").read_text())
+        metrics = merged(repo / "results" / name, "train.json", "run.json")  # asserts: numbers only
+        evaluation = merged(repo / "results" / name, "eval.json", "eval_detail.json")
         assert 0 <= evaluation["test_acc"] <= 1 and metrics["n_train"] == 270 and metrics["n_test"] == 60
         assert not {"train_acc", "val_acc", "test_acc"} & set(metrics)  # scored once, by evaluate
         assert evaluation["val_loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-5)
@@ -124,6 +124,29 @@ def test_exp_run_with_lr_reruns_only_the_final_model(project):
     assert '"lr": 0.001' in text and "test_acc" in text
 
 
+EXP_SHOW = ["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", "Experiment|lr$|results/task3e/eval.json:(val|test)_acc"]
+
+
+def test_exp_show_and_metrics_show_fit_a_terminal(project):
+    """The README's comparison commands, after two lr experiments, in a 200-column terminal:
+    every experiment's lr and final-model test accuracy, nothing cut off."""
+    repo, env, _ = project
+    sh(["dvc", "exp", "run", "-S", "lr=0.002"], repo, env)
+    wide = {**env, "COLUMNS": "200"}
+    shown = sh(EXP_SHOW, repo, wide)
+    lines = [line for line in shown.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 200 and "…" not in shown, shown
+    assert "0.001" in shown and "0.002" in shown and "results/task3e/eval.json:test_acc" in shown
+    test_acc = json.loads((repo / "results" / "task3e" / "eval.json").read_text())["test_acc"]
+    assert f"{test_acc:g}"[:4] in shown
+    metrics = sh(["dvc", "metrics", "show"], repo, wide)
+    assert max(len(line) for line in metrics.splitlines()) <= 200, metrics
+    for path in (repo / "results").glob("*/*.json"):
+        if path.name in ("train.json", "eval.json"):  # the metrics files: numbers only
+            values = json.loads(path.read_text()).values()
+            assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), path
+
+
 def test_report_is_complete(project):
     repo, env, _ = project
     report = (repo / "reports" / "report.md").read_text()
@@ -146,7 +169,7 @@ def test_mlflow_runs_hold_evaluation_metrics(project):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cifar10-cnn-report")
     for run in client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'task2'"):
-        evaluation = json.loads((repo / "results" / "task2" / "eval.json").read_text())
+        evaluation = merged(repo / "results" / "task2", "eval.json", "eval_detail.json")
         if run.info.run_id == evaluation["mlflow_run_id"]:
             assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])
             assert "eval_test_acc_cat" in run.data.metrics
@@ -276,7 +299,7 @@ def test_killed_training_resumes_under_dvc_repro(project):
         resumed = sh(["dvc", "repro", "train@task3e"], repo, env)
         assert re.search(r"resuming task3e from step \d+", resumed), resumed
         assert not resume.exists()  # removed once MLflow holds the run
-        metrics = json.loads((repo / "results" / "task3e" / "train.json").read_text())
+        metrics = merged(repo / "results" / "task3e", "train.json", "run.json")
         assert metrics["resumed_from_step"] and metrics["steps"] > metrics["resumed_from_step"]
         client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
         run = client.get_run(metrics["mlflow_run_id"])
@@ -288,7 +311,7 @@ def test_killed_training_resumes_under_dvc_repro(project):
         # The same params again, never interrupted: the same numbers (the CPU is deterministic).
         unbroken = sh(["dvc", "repro", "-f", "train@task3e"], repo, env)
         assert "resuming" not in unbroken
-        again = json.loads((repo / "results" / "task3e" / "train.json").read_text())
+        again = merged(repo / "results" / "task3e", "train.json", "run.json")
         keys = ["best_val_loss", "best_val_acc", "best_step", "steps"]
         assert {k: metrics[k] for k in keys} == {k: again[k] for k in keys}
     finally:

@@ -5,7 +5,7 @@ import json
 import time
 
 import pytest
-from helpers import tiny_dataset, tiny_run
+from helpers import merged, tiny_dataset, tiny_run
 from mlflow.tracking import MlflowClient
 
 from cifarcnn import tracking
@@ -54,7 +54,7 @@ def test_training_run_contents(store):
     import torch
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     # Results written for DVC, pointing back at the run.
-    written = json.loads((store / "results" / "task2" / "train.json").read_text())
+    written = merged(store / "results" / "task2", "train.json", "run.json")
     assert written["mlflow_run_id"] == run.info.run_id
     config = json.loads((store / "results" / "task2" / "config.json").read_text())
     assert config == json.loads(json.dumps(cfg.to_dict()))  # the resolved config, as in the checkpoint
@@ -80,7 +80,7 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2"], cwd=store,
                           capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
-    evaluation = json.loads((store / "results" / "task2" / "eval.json").read_text())
+    evaluation = merged(store / "results" / "task2", "eval.json", "eval_detail.json")
     assert evaluation["mlflow_run_id"] == trained["mlflow_run_id"]
     assert evaluation["val_loss"] == pytest.approx(trained["best_val_loss"], rel=1e-5)
     client = MlflowClient(tracking.tracking_uri())
@@ -95,7 +95,7 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
                           capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
     assert f"MLflow run {trained['mlflow_run_id']} of task2 is not in" in proc.stdout
-    assert json.loads((store / "results" / "task2" / "eval.json").read_text())["mlflow_run_id"] != trained["mlflow_run_id"]
+    assert json.loads((store / "results" / "task2" / "eval_detail.json").read_text())["mlflow_run_id"] != trained["mlflow_run_id"]
 
 
 def test_temp_experiment_workspace_logs_into_the_real_repo(monkeypatch, tmp_path):

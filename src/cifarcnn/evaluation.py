@@ -12,6 +12,10 @@ from .errors import UserError
 from .training import load_best_model, predict, resolve_device, use_channels_last
 
 
+# eval.json, a DVC metrics file, holds these; the rest of the evaluation goes to eval_detail.json.
+EVAL_METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss")
+
+
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
     """Counts; rows are true classes, columns predicted classes."""
     return np.bincount(labels * n_classes + preds, minlength=n_classes * n_classes).reshape(n_classes, n_classes)

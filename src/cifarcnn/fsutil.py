@@ -92,6 +92,14 @@ def staged_outputs(directory: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def split_metrics(values: dict, keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """(the numbers among ``keys``, everything else): DVC shows a metrics file's every key as a
+    column, so metrics files hold numbers only and the rest goes beside them."""
+    numbers = {k: values[k] for k in keys
+               if isinstance(values.get(k), (int, float)) and not isinstance(values.get(k), bool)}
+    return numbers, {k: v for k, v in values.items() if k not in numbers}
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -19,11 +19,13 @@ import torch
 
 from .config import RunConfig
 from .data import Dataset
-from .fsutil import staged_outputs, write_json, write_text
+from .fsutil import split_metrics, staged_outputs, write_json, write_text
 from .tracking import MlflowRun, repo_root, run_tags
 from .training import BEST, RESUME, load_checkpoint, resolve_device, train
 
 CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]
+# train.json, a DVC metrics file, holds these numbers; everything else goes to run.json.
+TRAIN_METRICS = ("best_val_loss", "best_val_acc", "epochs_run", "train_seconds", "train_images_per_s")
 LOSS_BLOCK_FIELDS = ["step", "mean", "std"]
 
 
@@ -83,7 +85,9 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
             metrics["mlflow_logging_seconds"] = round(logging_seconds, 3)
             metrics["mlflow_logging_share"] = round(logging_seconds / max(metrics["train_seconds"], 1e-9), 4)
             run.log_summary({k: metrics[k] for k in ("mlflow_logging_seconds", "mlflow_logging_share")}, prefix="")
-            write_json(staged / "train.json", metrics)
+            numbers, info = split_metrics(metrics, TRAIN_METRICS)
+            write_json(staged / "train.json", numbers)  # what `dvc exp show` compares: numbers only
+            write_json(staged / "run.json", info)  # ids, device, data, flags
             run.finish()
         result.resume_path.unlink(missing_ok=True)  # the run is recorded: nothing left to resume
         return metrics

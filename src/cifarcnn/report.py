@@ -221,8 +221,16 @@ def results_markdown(results: dict[str, dict], task1: dict, viz: dict | None, fi
 
 
 def load_results(results_dir: Path) -> dict[str, dict]:
-    """Every run with both train.json and eval.json, in the report's order."""
+    """Every run with both train.json and eval.json (with run.json and eval_detail.json merged
+    in), in the report's order."""
     import json
+
+    def read(path: Path, *beside: str) -> dict:  # a metrics file and the non-numbers beside it
+        out = json.loads(path.read_text())
+        for name in beside:
+            if path.with_name(name).exists():
+                out.update(json.loads(path.with_name(name).read_text()))
+        return out
 
     found = {}
     for train_json in sorted(Path(results_dir).glob("*/train.json")):
@@ -230,7 +238,7 @@ def load_results(results_dir: Path) -> dict[str, dict]:
         if eval_json.exists():
             config_json = train_json.with_name("config.json")
             found[train_json.parent.name] = {
-                "train": json.loads(train_json.read_text()), "eval": json.loads(eval_json.read_text()),
+                "train": read(train_json, "run.json"), "eval": read(eval_json, "eval_detail.json"),
                 "config": json.loads(config_json.read_text()) if config_json.exists() else None}
     order = {run: i for i, run in enumerate(REPORT_ORDER)}
     return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
