@@ -1,7 +1,7 @@
 """DVC stage `evaluate@<run>`: the best checkpoint on train / validation / test, per class.
 
 Writes results/<run>/eval.json (the numbers), eval_detail.json (per class, confusion matrix,
-ids), the training-curves figure (curves.png, the report's style) and confusion.png, and logs all three into the run's MLflow run (the id from train.json).
+ids), predictions.csv (DVC's confusion plot), the training-curves figure (curves.png, the report's style) and confusion.png, and logs all three into the run's MLflow run (the id from train.json).
 Drawing here, not in the train stage, means a change to a plot never re-trains a model.
 """
 import json
@@ -12,8 +12,8 @@ from cifarcnn import figures
 from cifarcnn.config import load_params
 from cifarcnn.data import Dataset
 from cifarcnn.errors import cli
-from cifarcnn.evaluation import EVAL_METRICS, evaluate_checkpoint
-from cifarcnn.fsutil import split_metrics, staged_outputs, write_json
+from cifarcnn.evaluation import EVAL_METRICS, evaluate_checkpoint, predictions_csv
+from cifarcnn.fsutil import split_metrics, staged_outputs, write_json, write_text
 from cifarcnn.report import load_curves
 from cifarcnn.tracking import log_evaluation
 
@@ -35,6 +35,8 @@ def main(run_name: str) -> None:
         ]
         metrics["mlflow_run_id"] = log_evaluation(params["mlflow"]["experiment"], run_name,
                                                   train_info.get("mlflow_run_id"), metrics, pngs)
+        write_text(staged / "predictions.csv", predictions_csv(metrics.pop("test_actual"), metrics.pop("test_predicted"),
+                                                              metrics["classes"]))
         numbers, detail = split_metrics(metrics, EVAL_METRICS)
         write_json(staged / "eval.json", numbers)  # numbers only: a DVC metrics file
         write_json(staged / "eval_detail.json", detail)  # per class, confusion matrix, ids

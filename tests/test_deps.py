@@ -77,3 +77,16 @@ def test_committed_lock_matches_the_committed_code(tmp_path):
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout or "{}")
     assert status == {}, f"dvc.lock is stale for: {status}"
+
+
+def test_top_level_plots_cover_every_run():
+    """dvc.yaml's top-level plots list the runs by hand (DVC cannot fan them out): they must
+    follow params.yaml's runs."""
+    from cifarcnn.config import load_params, run_names
+
+    runs = set(run_names(load_params(ROOT / "params.yaml")))
+    plots = {k: v for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"] for k, v in entry.items()}
+    assert {f.split("/")[1] for f in plots["validation_accuracy"]["y"]} == runs
+    assert {f.split("/")[1] for f in plots["training_loss"]["y"]} == runs
+    assert {k.removeprefix("confusion_") for k in plots if k.startswith("confusion_")} == runs
+    assert all(p.get("title") and p.get("x_label") and p.get("y_label") for p in plots.values())

@@ -147,6 +147,22 @@ def test_exp_show_and_metrics_show_fit_a_terminal(project):
             assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), path
 
 
+def test_dvc_plots_compare_runs(project):
+    """Top-level plots: all runs' validation accuracy on one chart, all training losses on
+    another, a confusion matrix per run; `dvc plots diff` draws an experiment beside the workspace."""
+    repo, env, _ = project
+    out = sh(["dvc", "plots", "show", "--json"], repo, env)
+    shown = json.loads(out)["data"]
+    assert {"validation_accuracy", "training_loss", "confusion_task3e"} <= set(shown), list(shown)
+    accuracy = json.dumps(shown["validation_accuracy"])
+    assert "Validation accuracy of every run" in accuracy and all(f"{r}/curves.csv" in accuracy for r in RUNS)
+    confusion = json.dumps(shown["confusion_task3e"])
+    assert "task3e: test-set confusion matrix" in confusion and '"actual"' in confusion and "true class" in confusion
+    experiment = sh(["dvc", "exp", "list", "--name-only"], repo, env).split()[0]  # the lr=0.001 one
+    diff = sh(["dvc", "plots", "diff", experiment, "--json", "--targets", "validation_accuracy"], repo, env)
+    assert experiment in diff and "workspace" in diff, diff[:2000]
+
+
 def test_report_is_complete(project):
     repo, env, _ = project
     report = (repo / "reports" / "report.md").read_text()

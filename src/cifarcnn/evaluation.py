@@ -21,6 +21,12 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> n
     return np.bincount(labels * n_classes + preds, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def predictions_csv(actual: list[int], predicted: list[int], classes: list[str]) -> str:
+    """One row per test image (class names), for DVC's confusion-matrix plot."""
+    rows = ["actual,predicted"] + [f"{classes[a]},{classes[p]}" for a, p in zip(actual, predicted)]
+    return "\n".join(rows) + "\n"
+
+
 def evaluate_checkpoint(best_path: str | Path, ds: Dataset, device_name: str = "auto") -> dict:
     best_path = Path(best_path)
     if not best_path.exists():
@@ -47,5 +53,6 @@ def evaluate_checkpoint(best_path: str | Path, ds: Dataset, device_name: str = "
             out["test_class_acc"] = {c: float(cm[i, i] / totals[i]) if totals[i] else None
                                      for i, c in enumerate(ds.classes)}
             out["test_confusion"] = cm.tolist()
+            out["test_actual"], out["test_predicted"] = labels.tolist(), preds.tolist()  # -> predictions.csv
     out["classes"] = list(ds.classes)
     return out
