@@ -9,10 +9,11 @@ rewritten after every part, so a cut-off call keeps what finished.
              |difference|), and the first 100 steps of task2 and task3e with the graph-captured
              step vs the eager step from the same initial weights (losses).
 2. runs      every run of params.yaml at its own settings, seed 0 (task4a at 224 px for 5
-             epochs with resnet_weights none: no machine here can fetch ImageNet weights):
-             wall seconds (model build, capture, training, validations, final scoring),
-             images/s, accuracy; then the evaluate stage's work per run (the best checkpoint
-             on train/val/test, the curves and confusion figures) timed on its own.
+             epochs with resnet_weights none: no machine here can fetch ImageNet weights), as
+             the train stage does it: wall seconds (model build, capture, training,
+             validations), images/s; then the evaluate stage's work per run (the only scoring
+             of the best checkpoint on train/val/test, the curves and confusion figures),
+             timed on its own, with the accuracies.
 3. original  the original's data path on the same GPU: torchvision DataLoader over PIL images
              with the report's transforms, 2 workers, the same model and batch size, eager
              steps with a per-batch loss.item() as the original's running loss; one epoch of
@@ -47,6 +48,7 @@ from cifarcnn.data import Dataset, prepare, take_subset
 from cifarcnn.evaluation import evaluate_checkpoint
 from cifarcnn.models import create_model
 from cifarcnn.training import AUGMENT_AHEAD_STEPS, make_optimizer, train
+from throughput import PilDataset  # bench/throughput.py: what torchvision's CIFAR10 does per item
 
 SMALL_RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout"]
 ALL_RUNS = SMALL_RUNS + ["task3e", "task4a"]
@@ -75,18 +77,20 @@ def run_config(params: dict, name: str, device: torch.device, quick: bool, **cha
     return cfg
 
 
-def timed_train(cfg, ds: Dataset, out: Path, **kwargs) -> dict:
+def timed_train(cfg, ds: Dataset, out: Path, score: bool = True, **kwargs) -> dict:
+    """One run; ``score=False`` is the pipeline's train stage (the evaluate stage scores)."""
     sync(torch.device(cfg.device))
     t0 = time.perf_counter()
-    result = train(cfg, ds, out, **{"cuda_graphs": True, **kwargs})
+    result = train(cfg, ds, out, score=score, **{"cuda_graphs": True, **kwargs})
     sync(torch.device(cfg.device))
-    keep = ("train_acc", "val_acc", "test_acc", "val_loss", "best_epoch", "epochs_run", "stopped_early",
-            "train_seconds", "train_images_per_s", "cuda_graph")
-    m = {k: result.metrics[k] for k in keep}
+    keep = ("train_acc", "val_acc", "test_acc", "best_val_loss", "best_val_acc", "best_epoch", "epochs_run",
+            "stopped_early", "train_seconds", "train_images_per_s", "cuda_graph")
+    m = {k: result.metrics[k] for k in keep if k in result.metrics}
     m["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    scores = (f"acc train/val/test {m['train_acc']:.4f}/{m['val_acc']:.4f}/{m['test_acc']:.4f}" if score
+              else f"best val acc {m['best_val_acc']:.4f}")
     print(f"  {cfg.name} seed {cfg.seed}: {m['wall_seconds']:.1f} s wall, {m['train_seconds']:.1f} s training, "
-          f"{m['train_images_per_s']:.0f} img/s, graph {m['cuda_graph']}, epochs {m['epochs_run']}, "
-          f"acc train/val/test {m['train_acc']:.4f}/{m['val_acc']:.4f}/{m['test_acc']:.4f}", flush=True)
+          f"{m['train_images_per_s']:.0f} img/s, graph {m['cuda_graph']}, epochs {m['epochs_run']}, {scores}", flush=True)
     return m
 
 
@@ -125,7 +129,8 @@ def check_graph(params: dict, ds: Dataset, device: torch.device, quick: bool) ->
 
 # --- 2. the report's runs, and the evaluate stage's work -------------------------------------
 
-def evaluate_stage_work(name: str, best: Path, ds: Dataset, device: torch.device, out_dir: Path) -> float:
+def evaluate_stage_work(name: str, best: Path, ds: Dataset, device: torch.device, out_dir: Path) -> tuple[float, dict]:
+    """The evaluate stage's work on one run (without MLflow): seconds, and the accuracies."""
     sync(device)
     t0 = time.perf_counter()
     m = evaluate_checkpoint(best, ds, device.type)
@@ -133,24 +138,10 @@ def evaluate_stage_work(name: str, best: Path, ds: Dataset, device: torch.device
     figures.training_curves(blocks, [{"step": 1, "epoch": 0.5, "val_loss": m["val_loss"], "val_acc": m["val_acc"]}],
                             m, name, out_dir / f"{name}_curves.png")
     figures.confusion(m["test_confusion"], m["classes"], name, out_dir / f"{name}_confusion.png")
-    return round(time.perf_counter() - t0, 2)
+    return round(time.perf_counter() - t0, 2), {k: m[k] for k in ("train_acc", "val_acc", "test_acc")}
 
 
 # --- 3. the original's data path -------------------------------------------------------------
-
-class PilDataset(torch.utils.data.Dataset):
-    """What torchvision.datasets.CIFAR10 does per item: a PIL image from the uint8 array, transformed."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
-
 
 def original_epoch(cfg, ds: Dataset, device: torch.device) -> dict:
     import torchvision.transforms as T
@@ -222,11 +213,14 @@ def main(source: str, out_json: str, *flags: str) -> None:
         out: dict = {"runs": {}, "evaluate_seconds": {}}
         for name in ALL_RUNS:
             cfg = run_config(params, name, device, quick)
-            out["runs"][name] = timed_train(cfg, ds, work / "models" / name)
+            out["runs"][name] = timed_train(cfg, ds, work / "models" / name, score=False)  # as train@<run>
             report.put("runs", out)
-        for name in ALL_RUNS:
-            out["evaluate_seconds"][name] = evaluate_stage_work(name, work / "models" / name / "best.pt", ds, device,
-                                                                work / "figures")
+        for name in ALL_RUNS:  # as evaluate@<run>: the only scoring
+            seconds, accuracy = evaluate_stage_work(name, work / "models" / name / "best.pt", ds, device, work / "figures")
+            out["evaluate_seconds"][name] = seconds
+            out["runs"][name].update(accuracy)
+            print(f"  evaluate {name}: {seconds:.1f} s, acc train/val/test {accuracy['train_acc']:.4f}/"
+                  f"{accuracy['val_acc']:.4f}/{accuracy['test_acc']:.4f}", flush=True)
         out["train_wall_total"] = round(sum(r["wall_seconds"] for r in out["runs"].values()), 1)
         out["evaluate_total"] = round(sum(out["evaluate_seconds"].values()), 1)
         print(f"runs: train {out['train_wall_total']} s, evaluate {out['evaluate_total']} s", flush=True)
