@@ -1,7 +1,9 @@
 """DVC stage `evaluate@<run>`: the best checkpoint on train / validation / test, per class.
 
 Writes results/<run>/eval.json (the numbers), eval_detail.json (per class, confusion matrix,
-ids), predictions.csv (DVC's confusion plot), the training-curves figure (curves.png, the report's style) and confusion.png, and logs all three into the run's MLflow run (the id from train.json).
+ids), predictions.csv (DVC's confusion plot), the training-curves figure (curves.png, the
+report's style) and confusion.png, all together or none, and logs the numbers and both
+figures into the run's MLflow run (the id from run.json).
 Drawing here, not in the train stage, means a change to a plot never re-trains a model.
 """
 import json

@@ -1,8 +1,8 @@
 """DVC stage `train@<run>`: train one run of params.yaml, track it in MLflow.
 
-Outputs: models/<run>/best.pt (lowest validation loss), results/<run>/train.json (metrics,
-with the MLflow run id), config.json, curves.csv and train_loss.csv (the evaluate stage draws
-them). A killed run resumes from models/<run>/resume.pt, which is not a DVC output.
+Outputs: models/<run>/best.pt (lowest validation loss), results/<run>/train.json (numbers
+only), run.json (the MLflow run id, device, data), config.json, curves.csv and train_loss.csv
+(the evaluate stage draws them). A killed run resumes from models/<run>/resume.pt, which is not a DVC output.
 """
 import sys
 from pathlib import Path

@@ -76,6 +76,9 @@ class Preprocess:
 
 
 def concat_draws(draws: list[AugmentDraws]) -> AugmentDraws:
+    if len(draws) == 1:  # one step at a time (the CPU): nothing to join
+        return draws[0]
+
     def cat(field: str, dim: int) -> torch.Tensor | None:
         parts = [getattr(d, field) for d in draws]
         return None if parts[0] is None else torch.cat(parts, dim)

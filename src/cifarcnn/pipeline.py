@@ -89,7 +89,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
             write_json(staged / "train.json", numbers)  # what `dvc exp show` compares: numbers only
             write_json(staged / "run.json", info)  # ids, device, data, flags
             run.finish()
-        result.resume_path.unlink(missing_ok=True)  # the run is recorded: nothing left to resume
+        (resume_in / RESUME).unlink(missing_ok=True)  # the run is recorded: nothing left to resume
         return metrics
     except BaseException:
         run.abandon()

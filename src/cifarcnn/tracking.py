@@ -85,8 +85,8 @@ class MlflowRun:
     Metrics logged during training are queued and written by a background thread, so a slow or
     absent store (a locked sqlite file, a restarting server) never holds training up: failed
     writes are kept and tried again with a growing wait. ``flush`` at the end waits for the
-    queue for up to ``FINAL_WAIT_S``; the calls after it retry for as long. A resumed run skips the steps the store already holds, so no metric
-    history has a step twice.
+    queue for up to ``FINAL_WAIT_S``; the calls after it retry for as long. A resumed run skips
+    the steps the store already holds, so no metric history has a step twice.
     """
 
     def __init__(self, client: MlflowClient, run_id: str, logged_up_to: dict[str, int] | None = None) -> None:

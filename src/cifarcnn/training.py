@@ -171,6 +171,11 @@ def data_fingerprint(ds: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state on the CPU, detached from further training."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Atomic: a kill during the write leaves the previous checkpoint intact."""
     with atomic_path(path, suffix=".pt") as tmp:
@@ -219,7 +224,6 @@ class TrainResult:
     history: History
     model: torch.nn.Module
     resumed_from_step: int | None
-    resume_path: Path  # the final resume state, while the caller keeps it (keep_resume)
 
 
 def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | None = None,
@@ -383,7 +387,7 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
                     logger.log_validation(step, record["epoch"], val_loss, val_acc)
                 if val_loss < best["val_loss"]:
                     best = {"val_loss": val_loss, "val_acc": val_acc, "step": step, "epoch": record["epoch"]}
-                    best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    best_weights = cpu_copy(model)
                     save_best()
                 stopped_early = should_stop([v["val_loss"] for v in history.validations], cfg.early_stop_count)
                 save_resume()
@@ -402,7 +406,7 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     if best_weights is None:  # fewer steps than one validation interval: keep the final state
         val_loss, val_acc = evaluate(model, splits["val"], prep)
         best = {"val_loss": val_loss, "val_acc": val_acc, "step": step, "epoch": round(step / steps_per_epoch, 4)}
-        best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        best_weights = cpu_copy(model)
         save_best()
     if saved_step != step:  # the steps after the last validation: a rerun need not repeat them
         save_resume()
@@ -413,15 +417,17 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     steps_run = step - start_step
     metrics = {
         **final,
-        "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"], "best_step": best["step"], "best_epoch": best["epoch"], "steps": step,
+        "best_val_loss": best["val_loss"], "best_val_acc": best["val_acc"], "best_step": best["step"],
+        "best_epoch": best["epoch"], "steps": step,
         "epochs_run": round(step / steps_per_epoch, 4), "stopped_early": stopped_early,
         "train_seconds": round(train_seconds, 2),
         "train_images_per_s": round(steps_run * cfg.batch_size / train_seconds, 1) if steps_run else None,
-        "device": str(device), "cuda_graph": bool(run_step is not None and run_step.graphed), "n_train": n_train, "n_val": len(splits["val"]), "n_test": len(splits["test"]),
+        "device": str(device), "cuda_graph": bool(run_step is not None and run_step.graphed),
+        "n_train": n_train, "n_val": len(splits["val"]), "n_test": len(splits["test"]),
     }
     if not keep_resume:
         resume_path.unlink(missing_ok=True)
-    return TrainResult(metrics, history, model, resumed_from, resume_path)
+    return TrainResult(metrics, history, model, resumed_from)
 
 
 def load_best_model(path: str | Path) -> tuple[torch.nn.Module, RunConfig, dict]:
