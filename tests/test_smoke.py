@@ -265,25 +265,48 @@ def set_param(repo: Path, key: str, value: str) -> None:
     (repo / "params.yaml").write_text(text)
 
 
+def _stage_pids(repo: Path, marker: str) -> list[int]:
+    """Python processes (by executable, so never a `sh -c` wrapper or DVC itself) running ``marker``
+    in ``repo`` or in one of its temporary experiment copies, oldest first."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            exe = os.path.basename(os.readlink(proc / "exe"))
+            cwd = Path(os.readlink(proc / "cwd"))
+            started = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[19])  # clock ticks after boot
+        except (OSError, ValueError, IndexError):
+            continue
+        if exe.startswith("python") and marker in b" ".join(argv).decode(errors="replace") \
+                and (cwd == repo or repo in cwd.parents):
+            pids.append((started, int(proc.name)))
+    return [pid for _, pid in sorted(pids)]
+
+
 def kill_stage_process(repo: Path, marker: str, when) -> None:
-    """SIGKILL the stage's python process (not DVC) as soon as ``when()`` holds."""
+    """SIGKILL the stage's python process (not DVC, not a shell around it) as soon as it runs and
+    ``when()`` holds, and wait until it is gone."""
     import signal
     import time
 
     deadline = time.time() + 300
-    while not when():
-        assert time.time() < deadline, "the condition to kill never held"
+    while not (when() and _stage_pids(repo, marker)):
+        assert time.time() < deadline, f"the condition to kill never held while {marker} ran"
         time.sleep(0.02)
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if marker in cmdline and "python" in cmdline and (Path(cwd) == repo or repo in Path(cwd).parents):
-            os.kill(int(proc.name), signal.SIGKILL)
-            return
-    raise AssertionError(f"no process running {marker}")
+    pid = _stage_pids(repo, marker)[0]  # the stage itself; a forked helper would be younger
+    os.kill(pid, signal.SIGKILL)
+    while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
+        assert time.time() < deadline, f"process {pid} ({marker}) outlived SIGKILL"
+        time.sleep(0.02)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
 
 
 def test_output_files_follow_the_umask(project):
@@ -305,13 +328,14 @@ def test_killed_training_resumes_under_dvc_repro(project):
     original = (repo / "params.yaml").read_text()
     set_param(repo, "max_epochs", "6")  # 6 epochs x 8 steps: long enough to be killed in the middle
     resume = repo / "models" / "task3e" / "resume.pt"
+    resume.unlink(missing_ok=True)  # only the state this run writes may trigger the kill
     try:
         dvc = subprocess.Popen(["dvc", "repro", "train@task3e"], cwd=repo, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
         kill_stage_process(repo, "stages/train.py task3e", resume.exists)
         killed_output = dvc.communicate(timeout=300)[0]
         assert dvc.returncode != 0, killed_output
-        assert resume.exists()
+        assert resume.exists(), killed_output
         resumed = sh(["dvc", "repro", "train@task3e"], repo, env)
         assert re.search(r"resuming task3e from step \d+", resumed), resumed
         assert not resume.exists()  # removed once MLflow holds the run
