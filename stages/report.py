@@ -1,49 +1,73 @@
 """DVC stage `report`: reports/report.md, the report's tables rebuilt from the pipeline's metrics.
 
-Reads only results/ (metrics, curves, figures) and reports/task1.json, so it re-runs when a
-result changes and not otherwise. Run figures are copied to reports/figures/runs/.
+Reads results/ (every seed's metrics, curves and figures; the split) and reports/task1.json,
+for the runs and seeds params.yaml names. Writes report.md (mean ± sd over seeds, verdicts, the
+report's paired claims tested), the run figures under reports/figures/runs/, each run's curves
+averaged over seeds under reports/curves/ (the top-level DVC plots), and the seeds' aggregates
+onto each run's parent MLflow run.
 """
 import json
 import shutil
 from pathlib import Path
 
 from cifarcnn import figures
+from cifarcnn.config import config_digest, load_params, resolve_seeds, run_names
 from cifarcnn.errors import UserError, cli
-from cifarcnn.fsutil import write_text
-from cifarcnn.report import load_curves, load_results, results_markdown
+from cifarcnn.fsutil import csv_text, write_text
+from cifarcnn.report import aggregates, load_curves, load_results, mean_curves, results_markdown
+from cifarcnn.tracking import log_aggregates
 
 RESULTS, REPORTS = Path("results"), Path("reports")
-RUN_FIGURES = REPORTS / "figures" / "runs"
+RUN_FIGURES, CURVES = REPORTS / "figures" / "runs", REPORTS / "curves"
 
 
 @cli
 def main() -> None:
-    results = load_results(RESULTS)
+    params = load_params()
+    seeds = resolve_seeds(params)
+    results = load_results(RESULTS, run_names(params), seeds)
     if not results:
-        raise UserError(f"no results under {RESULTS}/ (train.json + eval.json); run `dvc repro` first")
-    shutil.rmtree(RUN_FIGURES, ignore_errors=True)
-    RUN_FIGURES.mkdir(parents=True)
+        raise UserError(f"no results under {RESULTS}/<run>/seed<n>/ (train.json + eval.json); run `dvc repro` first")
+    for folder in (RUN_FIGURES, CURVES):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
     figs: dict[str, str] = {}
-    for run in results:
+    curves = {}
+    for run, runs in results.items():
+        first = RESULTS / run / f"seed{runs[0]['seed']}"
         for kind in ("curves", "confusion"):
-            src = RESULTS / run / f"{kind}.png"
-            if src.exists():
-                shutil.copyfile(src, RUN_FIGURES / f"{run}_{kind}.png")
+            if (first / f"{kind}.png").exists():
+                shutil.copyfile(first / f"{kind}.png", RUN_FIGURES / f"{run}_{kind}.png")
                 figs[f"{run}_{kind}"] = f"figures/runs/{run}_{kind}.png"
+        per_seed = {r["seed"]: load_curves(RESULTS / run / f"seed{r['seed']}") for r in runs}
+        predictions = [(RESULTS / run / f"seed{r['seed']}" / "predictions.csv").read_text().splitlines() for r in runs]
+        write_text(CURVES / f"{run}_predictions.csv",  # DVC's confusion plot: every seed's test predictions
+                   "\n".join(predictions[0][:1] + [row for rows in predictions for row in rows[1:]]) + "\n")
+        curves[run] = per_seed[runs[0]["seed"]]
+        mean = mean_curves(list(per_seed.values()))
+        write_text(CURVES / f"{run}.csv", csv_text(mean["validations"], ["step", "epoch", "val_loss", "val_acc",
+                                                                         "val_acc_sd", "n"]))
+        write_text(CURVES / f"{run}_train_loss.csv", csv_text(mean["train_loss"], ["step", "mean", "mean_sd", "n"]))
+        if len(runs) > 1:
+            figures.seed_curves(run, {s: c["validations"] for s, c in per_seed.items()}, mean["validations"],
+                                RUN_FIGURES / f"{run}_seeds.png")
+            figs[f"{run}_seeds"] = f"figures/runs/{run}_seeds.png"
+        seedless = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
+        log_aggregates(params["mlflow"]["experiment"], run, config_digest(seedless), aggregates(runs))
     if {"task3d_dropout", "task3d_no_dropout"} <= set(results):
-        with_d, without = ({**load_curves(RESULTS / r), "metrics": results[r]["eval"]}
-                           for r in ("task3d_dropout", "task3d_no_dropout"))
+        with_d, without = ({**curves[r], "metrics": results[r][0]["eval"]} for r in ("task3d_dropout", "task3d_no_dropout"))
         figures.dropout_comparison(with_d, without, RUN_FIGURES / "task3d_dropout.png")
         figs["task3d"] = "figures/runs/task3d_dropout.png"
-    viz_path = RESULTS / "visualize.json"
+    viz_path, split_path = RESULTS / "visualize.json", RESULTS / "split.json"
     viz = json.loads(viz_path.read_text()) if viz_path.exists() else None
+    split = json.loads(split_path.read_text()) if split_path.exists() else None
     for name in ("task4b_first_layer", "task4c_last_layer", "task4b_first_layer_task4a", "task4c_last_layer_task4a"):
         if (REPORTS / "figures" / f"{name}.png").exists():
             key = name.replace("_first_layer", "").replace("_last_layer", "")
             figs[key] = f"figures/{name}.png"
     task1 = json.loads((REPORTS / "task1.json").read_text())
-    write_text(REPORTS / "report.md", results_markdown(results, task1, viz, figs))
-    print(f"wrote {REPORTS / 'report.md'} ({len(results)} runs)")
+    write_text(REPORTS / "report.md", results_markdown(results, task1, viz, figs, split))
+    print(f"wrote {REPORTS / 'report.md'} ({len(results)} runs, seeds {', '.join(map(str, seeds))})")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """DVC stage `visualize`: Task 4b (conv1 filters + activations) and 4c (layer4 activations).
 
-Once on the ImageNet ResNet18 (as the report) and once on the fine-tuned task4a model.
+Once on the ImageNet ResNet18 (as the report) and once on the fine-tuned task4a model of the
+first seed in train.seeds (dvc.yaml passes it: `python stages/visualize.py <seed>`).
 """
+import sys
 from pathlib import Path
 
 import torch
 
 from cifarcnn import figures
 from cifarcnn.assets import PHOTO
-from cifarcnn.config import load_params, resolve_resnet_weights, resolve_viz
+from cifarcnn.config import load_params, resolve_resnet_weights, resolve_viz, run_dirs
 from cifarcnn.errors import cli
 from cifarcnn.fsutil import write_json
 from cifarcnn.models import create_model
@@ -16,16 +18,16 @@ from cifarcnn.training import load_best_model
 from cifarcnn.visualize import visualize
 
 FIGURES = Path("reports/figures")
-TASK4A = Path("models/task4a/best.pt")
 
 
 @cli
-def main() -> None:
+def main(seed: str) -> None:
     params = load_params()
+    task4a = run_dirs("task4a", int(seed))[0] / "best.pt"
     viz, weights = resolve_viz(params), resolve_resnet_weights(params)
     models = {"": (create_model("resnet18_transfer", weights=weights), f"ResNet18, {weights} weights")}
-    if TASK4A.exists():
-        models["_task4a"] = (load_best_model(TASK4A)[0], "ResNet18 fine-tuned on CIFAR-10 (task4a)")
+    if task4a.exists():
+        models["_task4a"] = (load_best_model(task4a)[0], f"ResNet18 fine-tuned on CIFAR-10 (task4a, seed {seed})")
     summary = {"resnet_weights": weights, "filter_indices": viz.filter_indices,
                "activation_indices": viz.activation_indices}
     first_filters = {}
@@ -45,4 +47,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) != 2:
+        sys.exit("usage: python stages/visualize.py <seed of the task4a model shown>")
+    main(sys.argv[1])

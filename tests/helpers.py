@@ -46,3 +46,10 @@ def tiny_dataset(n_train: int = 300, n_test: int = 60, seed: int = 0) -> Dataset
 
 def write_params(path: Path, params: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def training_runs(client, experiment: str) -> list:
+    """The experiment's runs that trained or evaluated something: not the parents that only
+    group a run's seeds (tag seeds_parent)."""
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("seeds_parent") != "true"]

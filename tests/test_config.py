@@ -39,6 +39,11 @@ def mutate(fn):
     (lambda p: p["train"].update(device="tpu"), r"train\.device: expected one of auto, cpu, cuda"),
     (lambda p: p["train"].update(max_epochs=0), r"train\.max_epochs: must be >= 1"),
     (lambda p: p["train"].update(val_fraction=0.9), r"train\.val_fraction: must be > 0 and <= 0\.5"),
+    (lambda p: p["train"].update(seeds=[0, 0]), r"train\.seeds: expected a non-empty list of distinct integers >= 0 .*got \[0, 0\]"),
+    (lambda p: p["train"].update(seeds=[]), r"train\.seeds: expected a non-empty list"),
+    (lambda p: p["train"].update(seeds=3), r"train\.seeds: .*got 3"),
+    (lambda p: p["train"].update(seeds=[1, -2]), r"train\.seeds: .*got \[1, -2\]"),
+    (lambda p: p["train"].update(seed=0), r"train\.seed: unknown key"),
 ])
 def test_bad_run_params_name_the_key(change, message):
     with pytest.raises(UserError, match=message) as err:

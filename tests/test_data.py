@@ -296,3 +296,43 @@ def test_slow_server_fails_at_the_total_limit(tmp_path, monkeypatch):
     with serve_directory(tmp_path, handler=TrickleHandler) as url, pytest.raises(UserError, match=r"took longer than the 1\.5 s limit; gave up after \d+ bytes"):
         fetch_mod.fetch(f"{url}/cifar.tar.gz", tmp_path / "dl", algorithm="md5", expected="0" * 32, what="data.source")
     assert time.monotonic() - started < 30  # the 1.5 s limit, not the 300 s of trickling
+
+
+def test_validation_split_is_the_originals_on_a_generated_archive(tmp_path):
+    """The original: np.random.seed(0); np.random.choice(N, N // 10, replace=False) over the
+    archive's order (data_batch_1..5). Here a generated 1,000-image archive, through the download
+    stage's library and the training splits."""
+    import torch
+
+    from cifarcnn.batches import make_splits, split_record
+
+    md5 = write_archive(tmp_path / "cifar-10-python.tar.gz", n_train=1000, n_test=200)
+    ds = prepare(str(tmp_path / "cifar-10-python.tar.gz"), md5, None, tmp_path / "cifar10.npz", tmp_path / "dl")
+    ds = Dataset.load(tmp_path / "cifar10.npz")
+    np.random.seed(0)
+    original = np.random.choice(1000, 100, replace=False)
+    record = split_record(ds, 0.1, 0)
+    assert record["val_indices"] == sorted(original.tolist())
+    assert record["method"] == "np.random.seed(0); np.random.choice(1000, 100, replace=False)"
+    assert "official archive's order" in record["order"] and record["train_images"] == 900
+    splits = make_splits(ds, 0.1, 0, torch.device("cpu"))
+    expected_val = torch.from_numpy(ds.train_x[np.sort(original)]).permute(0, 3, 1, 2)
+    assert torch.equal(splits["val"].x, expected_val)
+    train_rows = {bytes(img) for img in splits["train"].x.permute(0, 2, 3, 1).numpy()}
+    assert not train_rows & {bytes(img) for img in ds.train_x[original]}  # held out, not trained on
+    assert len(splits["train"]) == 900
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    split_record(ds, 0.1, 0)
+    np.testing.assert_array_equal(np.random.get_state()[1], before)  # numpy's global state is left alone
+
+
+def test_image_folder_split_says_which_order_its_indices_mean(tmp_path):
+    from cifarcnn.batches import split_record
+
+    write_image_folder(tmp_path / "folder", n_train=100, n_test=20)
+    ds = prepare(str(tmp_path / "folder"), None, None, tmp_path / "cifar10.npz", tmp_path / "dl")
+    order = split_record(Dataset.load(tmp_path / "cifar10.npz"), 0.1, 0)["order"]
+    assert "image folder" in order and "not the official archive's order" in order
+    subset = prepare(str(tmp_path / "folder"), None, 50, tmp_path / "sub.npz", tmp_path / "dl")
+    assert subset.train_order.startswith("the first 50 training images") and "image folder" in subset.train_order

@@ -86,7 +86,9 @@ def test_top_level_plots_cover_every_run():
 
     runs = set(run_names(load_params(ROOT / "params.yaml")))
     plots = {k: v for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"] for k, v in entry.items()}
-    assert {f.split("/")[1] for f in plots["validation_accuracy"]["y"]} == runs
-    assert {f.split("/")[1] for f in plots["training_loss"]["y"]} == runs
+    assert {f.removeprefix("reports/curves/").removesuffix(".csv") for f in plots["validation_accuracy"]["y"]} == runs
+    assert {f.removeprefix("reports/curves/").removesuffix("_train_loss.csv") for f in plots["training_loss"]["y"]} == runs
     assert {k.removeprefix("confusion_") for k in plots if k.startswith("confusion_")} == runs
+    assert {f for k, p in plots.items() if k.startswith("confusion_") for f in p["y"]} == {
+        f"reports/curves/{r}_predictions.csv" for r in runs}
     assert all(p.get("title") and p.get("x_label") and p.get("y_label") for p in plots.values())

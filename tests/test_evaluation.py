@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -32,6 +33,31 @@ def test_evaluate_matches_training_numbers(tmp_path):
     cm = np.array(ev["test_confusion"])
     assert cm.sum() == 50 and np.trace(cm) / 50 == pytest.approx(ev["test_acc"])
     assert set(ev["test_class_acc"]) == set(ds.classes)
+
+
+def test_augmented_runs_are_also_scored_on_augmented_train_and_val(tmp_path):
+    """Like for like with the original, whose Task 3e train/val numbers were on augmented images:
+    the same checkpoint scored on augmented copies (fixed draws), beside the clean numbers."""
+    import torch
+
+    from cifarcnn.batches import Preprocess, make_splits
+    from cifarcnn.training import load_best_model, predict
+
+    ds = tiny_dataset(200, 50)
+    train(tiny_run("task3e"), ds, tmp_path / "e")
+    ev = evaluate_checkpoint(tmp_path / "e" / BEST, ds, "cpu")
+    assert ev == evaluate_checkpoint(tmp_path / "e" / BEST, ds, "cpu")  # fixed draws: the same numbers again
+    model, cfg, _ = load_best_model(tmp_path / "e" / BEST)
+    splits = make_splits(ds, cfg.val_fraction, cfg.split_seed, torch.device("cpu"))
+    prep = Preprocess(cfg.input, torch.device("cpu"), False)
+    for name in ("train", "val"):
+        loss, preds = predict(model, splits[name], prep, cfg.augment, seed=0)
+        assert ev[f"{name}_acc_aug"] == pytest.approx(float((preds == splits[name].y).float().mean()))
+        assert ev[f"{name}_loss_aug"] == pytest.approx(loss)
+        assert ev[f"{name}_loss_aug"] != pytest.approx(ev[f"{name}_loss"])  # the images were changed
+    train(tiny_run("task2", batch_size=32), ds, tmp_path / "c")
+    clean_only = evaluate_checkpoint(tmp_path / "c" / BEST, ds, "cpu")
+    assert not any(k.endswith("_aug") for k in clean_only)
 
 
 def test_evaluate_missing_checkpoint(tmp_path):
@@ -77,40 +103,78 @@ def test_weights_from_cache_are_verified_and_copied(tmp_path, monkeypatch):
     assert path.read_bytes() == blob
 
 
-def _fake_results(tmp_path, runs):
+def _fake_results(tmp_path, runs, seeds=(0,), augmented=False):
+    """results/<run>/seed<k>/ as the train and evaluate stages write them: accuracy 0.5 + i/100
+    for the i-th run, plus seed/1000 so that the seeds spread."""
     for i, run in enumerate(runs):
-        d = tmp_path / run
-        d.mkdir(parents=True)
-        acc = 0.5 + i / 100
-        (d / "train.json").write_text(json.dumps({
-            "device": "cpu", "epochs_run": 1, "best_step": 4, "stopped_early": False, "train_seconds": 3.0,
-            "train_images_per_s": 100.0, "mlflow_run_id": f"id{i}", "n_train": 270, "n_val": 30, "n_test": 60,
-            "data_source": "x", "data_subset": 300}))
-        (d / "eval.json").write_text(json.dumps({
-            "train_acc": acc, "val_acc": acc - 0.1, "test_acc": acc - 0.05,
-            "test_class_acc": {"cat": 0.5, "dog": 0.25}}))
+        for seed in seeds:
+            d = tmp_path / run / f"seed{seed}"
+            d.mkdir(parents=True)
+            acc = 0.5 + i / 100 + seed / 1000
+            (d / "train.json").write_text(json.dumps({
+                "epochs_run": 1 + seed, "train_seconds": 3.0, "train_images_per_s": 100.0}))
+            (d / "run.json").write_text(json.dumps({
+                "device": "cpu", "best_step": 4 + seed, "stopped_early": seed == 1, "mlflow_run_id": f"id{i}-{seed}",
+                "n_train": 270, "n_val": 30, "n_test": 60, "data_source": "x", "data_subset": 300}))
+            (d / "eval.json").write_text(json.dumps({
+                "train_acc": acc, "val_acc": acc - 0.1, "test_acc": acc - 0.05,
+                **({"train_acc_aug": acc - 0.03, "val_acc_aug": acc - 0.12} if augmented else {})}))
+            (d / "eval_detail.json").write_text(json.dumps({"test_class_acc": {"cat": 0.5, "dog": 0.25}}))
 
 
 def test_accuracy_table_beside_the_report(tmp_path):
     _fake_results(tmp_path, ["task2", "extra_run"])
-    results = report.load_results(tmp_path)
-    assert list(results) == ["task2", "extra_run"]
-    md = report.accuracy_table(results, ["task2"])
-    assert "-37.28 pp" in md  # training: 50.00% vs the report's 87.28%
-    assert "73.58%" in md and "45.00%" in md and "-28.58 pp" in md
-    md = report.accuracy_table(results, ["extra_run"])
-    assert "n/a (not in the report)" in md
+    results = report.load_results(tmp_path, ["extra_run", "task2"], [0])
+    assert list(results) == ["task2", "extra_run"]  # the report's order first
+    md = report.accuracy_table(results, "task2")
+    assert "| -37.28 " in md  # training: 50.00% vs the report's 87.28%
+    assert "73.58" in md and "45.00 (n = 1)" in md and "-28.58" in md
+    assert "no spread (n = 1)" in md and "±" not in md.split("\n", 2)[2]  # no spread below the header
+    md = report.accuracy_table(results, "extra_run")
+    assert md.count("n/a") == 9  # per split: no report number, no difference, no verdict
+
+
+def test_report_over_three_seeds_gives_spread_verdicts_and_claims(tmp_path):
+    runs = ["task2", "task3a_model1", "task3a_model2", "task3e"]
+    _fake_results(tmp_path, runs, seeds=(0, 1, 2))
+    _fake_results(tmp_path / "aug", ["task3e"], seeds=(0, 1, 2), augmented=True)
+    for seed in (0, 1, 2):  # task3e with augmented numbers
+        for name in ("eval.json",):
+            (tmp_path / "task3e" / f"seed{seed}" / name).write_text((tmp_path / "aug" / "task3e" / f"seed{seed}" / name).read_text())
+    (tmp_path / "task2" / "seed7").mkdir()  # a seed no longer in train.seeds: ignored
+    results = report.load_results(tmp_path, runs, [0, 1, 2])
+    assert [s["seed"] for s in results["task2"]] == [0, 1, 2]
+    md = report.accuracy_table(results, "task2")
+    assert "50.10 ± 0.10 (n = 3)" in md and "50.00–50.20" in md  # train: 50.0, 50.1, 50.2
+    assert "report above our 95% CI" in md
+    e = report.accuracy_table(results, "task3e")
+    assert "Training, augmented images" in e and "| 81.77 " in e  # the report's number on its own terms
+    assert "measured on augmented images: see below" in e  # the clean row is not judged against it
+    claims = "\n".join(report.claims_section(results))
+    assert "Table 8: Model 2 beats Model 1" in claims and "n = 3" in claims and "p = " in claims
+    assert "Task 3e: the final model beats Task 2's" in claims
+    task1 = {"parameters": {"task2": {"rows": [{"n": 1, "type": "Conv2d", "weight_shape": "x", "weights": 1,
+                                                 "biases": 1, "parameters": 2}], "total": 2}}}
+    full = report.results_markdown(results, task1, None, {}, {"method": "np.random.seed(0); ...", "order": "o"})
+    assert "Seeds per run: 3" in full and "## The report's claims, tested over seeds" in full
+    assert re.search(r"\| task2 +\| 0, 1, 2 +\| 1–3 +\| 1 of 3 ", full)  # the stopping table: seeds, epochs run, stops
+    one = report.results_markdown(report.load_results(tmp_path, runs, [0]), task1, None, {})
+    assert "Seeds per run: 1" in one and "no spread to test against" in one
+    assert " ± " not in "".join(line for line in one.split("## Runs")[1].splitlines() if not line.startswith("| Dataset"))
+    aggregates = report.aggregates(results["task2"])
+    assert aggregates["n_seeds"] == 3 and aggregates["mean_test_acc"] == pytest.approx(0.451)
+    assert aggregates["sd_test_acc"] == pytest.approx(0.001)
 
 
 def test_report_says_when_task4a_is_not_the_reports_set_up(tmp_path):
     _fake_results(tmp_path, ["task4a"])
     config = {"input": {"size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}, "epochs": 1}
-    (tmp_path / "task4a" / "config.json").write_text(json.dumps(config))
-    shrunk = report.load_results(tmp_path)["task4a"]
+    (tmp_path / "task4a" / "seed0" / "config.json").write_text(json.dumps(config))
+    shrunk = report.load_results(tmp_path, ["task4a"], [0])["task4a"][0]
     shrunk["train"]["resnet_weights"] = "none"
     caveat = "".join(report._task4a_caveats(shrunk))
     assert "random weights" in caveat and "64×64" in caveat and "1 epoch(s)" in caveat
-    assert "| 64 px" in report.runs_table({"task4a": shrunk}) and "1 of 1" in report.runs_table({"task4a": shrunk})
+    assert "| 64 px" in report.runs_table({"task4a": [shrunk]}) and "1 of 1" in report.runs_table({"task4a": [shrunk]})
 
     as_reported = {**shrunk, "train": {**shrunk["train"], "resnet_weights": "imagenet"},
                    "config": {**config, "input": {**config["input"], "size": 224}, "epochs": 5}}

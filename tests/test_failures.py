@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, tiny_dataset, tiny_params, tiny_run, write_params
+from helpers import ROOT, tiny_dataset, tiny_params, tiny_run, training_runs, write_params
 from mlflow.tracking import MlflowClient
 
 from cifarcnn import pipeline, tracking
@@ -88,7 +88,7 @@ def test_disk_full_during_training_is_one_line_and_a_failed_run(store):
     assert leftovers == []  # no half-written checkpoint
     assert not (store / "results").exists() or not any((store / "results").iterdir())
     client = MlflowClient(tracking.tracking_uri())
-    runs = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    runs = training_runs(client, cfg.experiment)
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
@@ -149,13 +149,14 @@ def test_store_down_during_evaluate_leaves_the_outputs_as_they_were(store, monke
     write_params(store / "params.yaml", tiny_params())
     ds = tiny_dataset(300, 60)
     ds.save(store / "data" / "cifar10.npz")
-    train_and_track(tiny_run("task2", batch_size=32), ds, store / "models" / "task2", store / "results" / "task2")
-    results = store / "results" / "task2"
+    train_and_track(tiny_run("task2", batch_size=32), ds, store / "models" / "task2" / "seed0",
+                    store / "results" / "task2" / "seed0")
+    results = store / "results" / "task2" / "seed0"
     outputs = ("eval.json", "eval_detail.json", "curves.png", "confusion.png")
     for name in outputs:
         (results / name).write_text("previous")
     env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2"], cwd=store,
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "MLflow tracking store http://127.0.0.1:9 is not usable" in proc.stderr
@@ -230,7 +231,7 @@ def test_store_down_at_the_end_keeps_the_training_and_the_next_run_only_logs(sto
     assert (store / "models" / "resume.pt").exists() and (store / "models" / "best.pt").exists()
     assert not (store / "results").exists() or not list((store / "results").iterdir())
     client = MlflowClient(tracking.tracking_uri())
-    (failed,) = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
+    (failed,) = training_runs(client, cfg.experiment)
     assert failed.info.status == "FAILED"
 
     monkeypatch.setattr(tracking.MlflowRun, "_write", real_write)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fixtures import serve_directory, stripes_photo, write_archive
-from helpers import ROOT, merged
+from helpers import ROOT, merged, training_runs
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.smoke
@@ -73,25 +73,29 @@ def project(tmp_path_factory):
 def test_repro_runs_every_stage(project):
     repo, env, first = project
     ran = ran_stages(first)
-    assert "download" in ran and all(f"train@{run}" in ran and f"evaluate@{run}" in ran for run in RUNS), ran
+    assert "download" in ran and "split" in ran, ran
+    assert all(f"configure@{run}" in ran and f"train@{run}-0" in ran and f"evaluate@{run}-0" in ran for run in RUNS), ran
     assert {"visualize", "report"} <= set(ran), ran
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("cifar10-cnn-report")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == set(RUNS)
+    runs = {r.info.run_name: r for r in training_runs(client, "cifar10-cnn-report")}
+    assert set(runs) == {f"{run}-0" for run in RUNS}  # run and seed, as the stage names
+    split = json.loads((repo / "results" / "split.json").read_text())
+    assert split["method"] == "np.random.seed(0); np.random.choice(300, 30, replace=False)"
     for name in RUNS:
-        metrics = merged(repo / "results" / name, "train.json", "run.json")  # asserts: numbers only
-        evaluation = merged(repo / "results" / name, "eval.json", "eval_detail.json")
+        metrics = merged(repo / "results" / name / "seed0", "train.json", "run.json")  # asserts: numbers only
+        evaluation = merged(repo / "results" / name / "seed0", "eval.json", "eval_detail.json")
         assert 0 <= evaluation["test_acc"] <= 1 and metrics["n_train"] == 270 and metrics["n_test"] == 60
         assert not {"train_acc", "val_acc", "test_acc"} & set(metrics)  # scored once, by evaluate
         assert evaluation["val_loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-5)
-        run = runs[name]
+        run = runs[f"{name}-0"]
         assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert client.get_run(run.data.tags["mlflow.parentRunId"]).data.metrics["n_seeds"] == 1  # the report's aggregates
         assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])
         assert not [k for k in run.data.metrics if k.startswith("final_")]
         assert run.data.params["run"] == name
-        assert (repo / "models" / name / "best.pt").exists()
-        assert (repo / "results" / name / "curves.png").read_bytes().startswith(b"\x89PNG")
+        assert (repo / "models" / name / "seed0" / "best.pt").exists()
+        assert (repo / "results" / name / "seed0" / "curves.png").read_bytes().startswith(b"\x89PNG")
+        assert json.loads((repo / "configs" / f"{name}.json").read_text())["name"] == name
 
 
 def test_second_repro_runs_nothing(project):
@@ -105,17 +109,18 @@ def test_second_repro_runs_nothing(project):
 def test_exp_run_with_lr_reruns_only_the_final_model(project):
     repo, env, _ = project
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    exp_id = client.get_experiment_by_name("cifar10-cnn-report").experiment_id
-    before = len(client.search_runs([exp_id]))
+    before = {r.info.run_id for r in training_runs(client, "cifar10-cnn-report")}
     out = sh(["dvc", "exp", "run", "-S", "lr=0.001"], repo, env)
     ran = ran_stages(out)
-    assert "train@task3e" in ran
-    assert not [s for s in ran if s.startswith("train@") and s != "train@task3e"], ran
+    assert "train@task3e-0" in ran and "configure@task3e" in ran
+    assert not [s for s in ran if s.startswith(("train@", "configure@")) and not s.startswith(("train@task3e-", "configure@task3e"))], ran
     assert "download" not in ran
-    runs = client.search_runs([exp_id], order_by=["attributes.start_time DESC"])
-    assert len(runs) == before + 1
-    newest = runs[0]
-    assert newest.info.run_name == "task3e" and newest.data.params["lr"] == "0.001"
+    new = [r for r in training_runs(client, "cifar10-cnn-report") if r.info.run_id not in before]
+    assert len(new) == 1
+    newest = new[0]
+    assert newest.info.run_name == "task3e-0" and newest.data.params["lr"] == "0.001"
+    parent = client.get_run(newest.data.tags["mlflow.parentRunId"])  # a new config: a new parent
+    assert parent.data.tags["run"] == "task3e" and newest.data.tags["dvc_exp_name"] in parent.info.run_name
     assert newest.data.tags["dvc_exp_name"]  # the DVC experiment that made it
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["lr"] == 0.001 and params["runs"]["task3e"]["lr"] == {"param": "lr"}  # reference kept
@@ -124,7 +129,8 @@ def test_exp_run_with_lr_reruns_only_the_final_model(project):
     assert '"lr": 0.001' in text and "test_acc" in text
 
 
-EXP_SHOW = ["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", "Experiment|lr$|results/task3e/eval.json:(val|test)_acc"]
+EXP_SHOW = ["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep",
+            "Experiment|lr$|results/task3e/seed0/eval.json:(val|test)_acc"]
 
 
 def test_exp_show_and_metrics_show_fit_a_terminal(project):
@@ -136,12 +142,12 @@ def test_exp_show_and_metrics_show_fit_a_terminal(project):
     shown = sh(EXP_SHOW, repo, wide)
     lines = [line for line in shown.splitlines() if line.strip()]
     assert max(len(line) for line in lines) <= 200 and "…" not in shown, shown
-    assert "0.001" in shown and "0.002" in shown and "results/task3e/eval.json:test_acc" in shown
-    test_acc = json.loads((repo / "results" / "task3e" / "eval.json").read_text())["test_acc"]
+    assert "0.001" in shown and "0.002" in shown and "results/task3e/seed0/eval.json:test_acc" in shown
+    test_acc = json.loads((repo / "results" / "task3e" / "seed0" / "eval.json").read_text())["test_acc"]
     assert f"{test_acc:g}"[:4] in shown
     metrics = sh(["dvc", "metrics", "show"], repo, wide)
     assert max(len(line) for line in metrics.splitlines()) <= 200, metrics
-    for path in (repo / "results").glob("*/*.json"):
+    for path in (repo / "results").glob("*/seed*/*.json"):
         if path.name in ("train.json", "eval.json"):  # the metrics files: numbers only
             values = json.loads(path.read_text()).values()
             assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), path
@@ -155,7 +161,8 @@ def test_dvc_plots_compare_runs(project):
     shown = json.loads(out)["data"]
     assert {"validation_accuracy", "training_loss", "confusion_task3e"} <= set(shown), list(shown)
     accuracy = json.dumps(shown["validation_accuracy"])
-    assert "Validation accuracy of every run" in accuracy and all(f"{r}/curves.csv" in accuracy for r in RUNS)
+    # one line per run, named by its file (DVC drops the common reports/curves/ prefix in the legend)
+    assert "Validation accuracy of every run" in accuracy and all(f'"filename": "{r}.csv"' in accuracy for r in RUNS)
     confusion = json.dumps(shown["confusion_task3e"])
     assert "task3e: test-set confusion matrix" in confusion and '"actual"' in confusion and "true class" in confusion
     experiment = sh(["dvc", "exp", "list", "--name-only"], repo, env).split()[0]  # the lr=0.001 one
@@ -184,8 +191,8 @@ def test_mlflow_runs_hold_evaluation_metrics(project):
     repo, env, _ = project
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cifar10-cnn-report")
-    for run in client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'task2'"):
-        evaluation = merged(repo / "results" / "task2", "eval.json", "eval_detail.json")
+    for run in client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'task2-0'"):
+        evaluation = merged(repo / "results" / "task2" / "seed0", "eval.json", "eval_detail.json")
         if run.info.run_id == evaluation["mlflow_run_id"]:
             assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])
             assert "eval_test_acc_cat" in run.data.metrics
@@ -236,9 +243,13 @@ def test_mlflow_server_serves_comparable_runs(project):
 
         exp = api("experiments/search", {"max_results": 10, "filter": "name = 'cifar10-cnn-report'"})["experiments"][0]
         runs = api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
-        names = sorted(r["info"]["run_name"] for r in runs)
-        assert set(RUNS) <= set(names)
-        for r in runs:
+        tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+        parents = {r["info"]["run_id"]: r for r in runs if tags[r["info"]["run_id"]].get("seeds_parent") == "true"}
+        children = [r for r in runs if r["info"]["run_id"] not in parents]
+        assert {f"{run}-0" for run in RUNS} <= {r["info"]["run_name"] for r in children}
+        assert set(RUNS) <= {tags[i]["run"] for i in parents}
+        for r in children:  # nested: the UI groups each run's seeds under its parent
+            assert tags[r["info"]["run_id"]]["mlflow.parentRunId"] in parents, r["info"]["run_name"]
             params = {p["key"]: p["value"] for p in r["data"].get("params", [])}
             metrics = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
             assert {"lr", "batch_size", "optimizer", "model", "epochs", "train.seed"} <= set(params), r["info"]["run_name"]
@@ -250,6 +261,33 @@ def test_mlflow_server_serves_comparable_runs(project):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_adding_a_seed_trains_only_the_new_seed(project):
+    """`dvc exp run -S 'train.seeds=[0,1]'`: every run's seed 1 trains and is evaluated, no seed 0
+    re-trains, and the report gives mean ± sd (n = 2) with verdicts and the paired claims."""
+    repo, env, _ = project
+    original = (repo / "params.yaml").read_text()
+    try:
+        out = sh(["dvc", "exp", "run", "-S", "train.seeds=[0,1]"], repo, env)
+        ran = ran_stages(out)
+        assert all(f"train@{run}-1" in ran and f"evaluate@{run}-1" in ran for run in RUNS), ran
+        assert not [s for s in ran if s.endswith("-0")], ran  # the first seed is untouched
+        assert "report" in ran
+        report = (repo / "reports" / "report.md").read_text()
+        assert "Seeds per run: 2" in report and "(n = 2)" in report and "no spread (n = 1)" not in report
+        assert "## The report's claims, tested over seeds" in report and "Welch's t-test" in report
+        assert (repo / "reports" / "figures" / "runs" / "task2_seeds.png").read_bytes().startswith(b"\x89PNG")
+        curves = (repo / "reports" / "curves" / "task2.csv").read_text().splitlines()
+        assert curves[0] == "step,epoch,val_loss,val_acc,val_acc_sd,n" and curves[1].endswith(",2")
+        client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+        seed1 = merged(repo / "results" / "task2" / "seed1", "train.json", "run.json")
+        parent = client.get_run(client.get_run(seed1["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
+        seed0 = merged(repo / "results" / "task2" / "seed0", "train.json", "run.json")
+        assert client.get_run(seed0["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert parent.data.metrics["n_seeds"] == 2 and "sd_test_acc" in parent.data.metrics
+    finally:
+        (repo / "params.yaml").write_text(original)
 
 
 # --- failures through the real entry points (these change params.yaml; they run last) ----------
@@ -311,7 +349,8 @@ def _proc_state(pid: int) -> str:
 
 def test_output_files_follow_the_umask(project):
     repo, env, _ = project
-    for rel in ("results/task2/train.json", "results/task2/curves.csv", "reports/report.md", "results/task2/eval.json"):
+    for rel in ("results/task2/seed0/train.json", "results/task2/seed0/curves.csv", "reports/report.md",
+                "results/task2/seed0/eval.json", "configs/task2.json"):
         assert (repo / rel).stat().st_mode & 0o777 == 0o666 & ~_umask(), rel
 
 
@@ -327,19 +366,19 @@ def test_killed_training_resumes_under_dvc_repro(project):
     repo, env, _ = project
     original = (repo / "params.yaml").read_text()
     set_param(repo, "max_epochs", "6")  # 6 epochs x 8 steps: long enough to be killed in the middle
-    resume = repo / "models" / "task3e" / "resume.pt"
+    resume = repo / "models" / "task3e" / "seed0" / "resume.pt"
     resume.unlink(missing_ok=True)  # only the state this run writes may trigger the kill
     try:
-        dvc = subprocess.Popen(["dvc", "repro", "train@task3e"], cwd=repo, env=env, stdout=subprocess.PIPE,
+        dvc = subprocess.Popen(["dvc", "repro", "train@task3e-0"], cwd=repo, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-        kill_stage_process(repo, "stages/train.py task3e", resume.exists)
+        kill_stage_process(repo, "stages/train.py task3e 0", resume.exists)
         killed_output = dvc.communicate(timeout=300)[0]
         assert dvc.returncode != 0, killed_output
         assert resume.exists(), killed_output
-        resumed = sh(["dvc", "repro", "train@task3e"], repo, env)
+        resumed = sh(["dvc", "repro", "train@task3e-0"], repo, env)
         assert re.search(r"resuming task3e from step \d+", resumed), resumed
         assert not resume.exists()  # removed once MLflow holds the run
-        metrics = merged(repo / "results" / "task3e", "train.json", "run.json")
+        metrics = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")
         assert metrics["resumed_from_step"] and metrics["steps"] > metrics["resumed_from_step"]
         client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
         run = client.get_run(metrics["mlflow_run_id"])
@@ -349,9 +388,9 @@ def test_killed_training_resumes_under_dvc_repro(project):
             assert len(steps) == len(set(steps)), f"{key} has a step twice"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, metrics["steps"] + 1))
         # The same params again, never interrupted: the same numbers (the CPU is deterministic).
-        unbroken = sh(["dvc", "repro", "-f", "train@task3e"], repo, env)
+        unbroken = sh(["dvc", "repro", "-f", "train@task3e-0"], repo, env)
         assert "resuming" not in unbroken
-        again = merged(repo / "results" / "task3e", "train.json", "run.json")
+        again = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")
         keys = ["best_val_loss", "best_val_acc", "best_step", "steps"]
         assert {k: metrics[k] for k in keys} == {k: again[k] for k in keys}
     finally:
@@ -371,13 +410,13 @@ def test_killed_queued_experiment_resumes_on_the_next_run(project):
     import time
 
     repo, env, _ = project
-    resume = repo / "models" / "task3e" / "resume.pt"
+    resume = repo / "models" / "task3e" / "seed0" / "resume.pt"
     resume.unlink(missing_ok=True)
-    args = ["train@task3e", "-S", "train.max_epochs=6", "-S", "lr=0.0007"]
+    args = ["train@task3e-0", "-S", "train.max_epochs=6", "-S", "lr=0.0007"]
     try:
         sh(["dvc", "exp", "run", "--queue", *args, "--name", "killed"], repo, env)
         start_queue(repo, env)
-        kill_stage_process(repo, "stages/train.py task3e", resume.exists)
+        kill_stage_process(repo, "stages/train.py task3e 0", resume.exists)
         deadline = time.time() + 300
         while True:
             status = sh(["dvc", "queue", "status"], repo, env)
@@ -399,16 +438,16 @@ def test_failed_run_then_fixed_brings_results_back_without_training(project):
     repo, env, _ = project
     original = (repo / "params.yaml").read_text()
     sh(["dvc", "repro"], repo, env)  # the workspace as the params say
-    before = (repo / "results" / "task2" / "train.json").read_text()
+    before = (repo / "results" / "task2" / "seed0" / "train.json").read_text()
     runs_before = len(mlflow_runs(repo))
     text = re.sub(r"(?m)^(  task2:.*\n(?:    .*\n)*?    lr:) \S+", r"\g<1> -1", original, count=1)
     assert text != original
     (repo / "params.yaml").write_text(text)
-    proc = subprocess.run(["dvc", "repro", "train@task2"], cwd=repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run(["dvc", "repro", "train@task2-0"], cwd=repo, env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "runs.task2.lr: must be > 0" in proc.stdout + proc.stderr
     (repo / "params.yaml").write_text(original)
     restored = sh(["dvc", "repro"], repo, env)
-    assert "train@task2" not in ran_stages(restored), restored
-    assert (repo / "results" / "task2" / "train.json").read_text() == before
+    assert "train@task2-0" not in ran_stages(restored), restored
+    assert (repo / "results" / "task2" / "seed0" / "train.json").read_text() == before
     assert len(mlflow_runs(repo)) == runs_before
     assert "up to date" in sh(["dvc", "status"], repo, env)

@@ -1,6 +1,7 @@
 """MLflow: what one training run leaves in the store, and failing fast on a dead server."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -9,6 +10,7 @@ from helpers import merged, tiny_dataset, tiny_run
 from mlflow.tracking import MlflowClient
 
 from cifarcnn import tracking
+from cifarcnn.config import config_digest
 from cifarcnn.errors import UserError
 from cifarcnn.pipeline import train_and_track
 
@@ -30,8 +32,16 @@ def test_training_run_contents(store):
     exp = client.get_experiment_by_name(cfg.experiment)
     assert exp.artifact_location == (store / "mlartifacts").as_uri()
     run = client.get_run(metrics["mlflow_run_id"])
-    assert run.info.run_name == "task2" and run.info.status == "FINISHED"
+    assert run.info.run_name == "task2-0" and run.info.status == "FINISHED"  # run and seed, as the stage train@task2-0
     tags = run.data.tags
+    # Nested under the run's parent, which holds every seed of this config (found again, not duplicated).
+    parent = client.get_run(tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "task2 (test-exp)" and parent.data.tags["seeds_parent"] == "true"
+    assert tracking.parent_run(cfg.experiment, "task2", parent.data.tags["config_digest"]) == parent.info.run_id
+    assert tags["seed"] == "0" and parent.data.tags["config_digest"] == config_digest(cfg.seedless_dict())
+    seed1 = train_and_track(dataclasses.replace(cfg, seed=1), tiny_dataset(300, 60), store / "models" / "s1",
+                            store / "results" / "s1")
+    assert client.get_run(seed1["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert tags["dvc_stage"] == "train@task2" and tags["dvc_exp_name"] == "test-exp"
     assert tags["device"] == "cpu" and tags["torch_version"] and "git_commit" in tags
     params = run.data.params
@@ -49,8 +59,8 @@ def test_training_run_contents(store):
     # The logged model loads and predicts.
     import mlflow
     models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
-    assert [m.source_run_id for m in models] == [run.info.run_id]
-    model = mlflow.pytorch.load_model(models[0].model_uri)
+    assert sorted(m.source_run_id for m in models) == sorted([run.info.run_id, seed1["mlflow_run_id"]])  # one each
+    model = mlflow.pytorch.load_model(next(m for m in models if m.source_run_id == run.info.run_id).model_uri)
     import torch
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     # Results written for DVC, pointing back at the run.
@@ -76,11 +86,11 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     ds = tiny_dataset(300, 60)
     ds.save(store / "data" / "cifar10.npz")
     cfg = tiny_run("task2", batch_size=32, evals_per_epoch=2)
-    trained = train_and_track(cfg, ds, store / "models" / "task2", store / "results" / "task2")
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2"], cwd=store,
+    trained = train_and_track(cfg, ds, store / "models" / "task2" / "seed0", store / "results" / "task2" / "seed0")
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
                           capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
-    evaluation = merged(store / "results" / "task2", "eval.json", "eval_detail.json")
+    evaluation = merged(store / "results" / "task2" / "seed0", "eval.json", "eval_detail.json")
     assert evaluation["mlflow_run_id"] == trained["mlflow_run_id"]
     assert evaluation["val_loss"] == pytest.approx(trained["best_val_loss"], rel=1e-5)
     client = MlflowClient(tracking.tracking_uri())
@@ -88,14 +98,14 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])
     assert {"curves.png", "confusion.png", "checkpoint"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     for name in ("curves.png", "confusion.png"):
-        assert (store / "results" / "task2" / name).read_bytes().startswith(b"\x89PNG")
+        assert (store / "results" / "task2" / "seed0" / name).read_bytes().startswith(b"\x89PNG")
     # A store that lost the run: the evaluation goes to a new run, with a message, not a failure.
     (store / "mlflow.db").unlink()
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2"], cwd=store,
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
                           capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
-    assert f"MLflow run {trained['mlflow_run_id']} of task2 is not in" in proc.stdout
-    assert json.loads((store / "results" / "task2" / "eval_detail.json").read_text())["mlflow_run_id"] != trained["mlflow_run_id"]
+    assert f"MLflow run {trained['mlflow_run_id']} of task2-0 is not in" in proc.stdout
+    assert json.loads((store / "results" / "task2" / "seed0" / "eval_detail.json").read_text())["mlflow_run_id"] != trained["mlflow_run_id"]
 
 
 def test_temp_experiment_workspace_logs_into_the_real_repo(monkeypatch, tmp_path):

@@ -35,10 +35,29 @@ def to_device_split(x: np.ndarray, y: np.ndarray, device: torch.device) -> Split
 
 
 def validation_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) indices: a fixed random ``fraction`` held out, chosen before training."""
+    """(train, validation) indices, sorted: the original's split, exactly.
+
+    The original drew ``np.random.seed(seed); np.random.choice(n, n_val, replace=False)`` over
+    the training images in the official archive's order (data_batch_1 ... data_batch_5), with no
+    other numpy draw in between; a fresh legacy ``RandomState(seed)`` draws the same indices
+    without touching numpy's global state.
+    """
     n_val = int(round(n * fraction))
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    val = np.random.RandomState(seed).choice(n, n_val, replace=False)
+    train = np.setdiff1d(np.arange(n), val, assume_unique=True)
+    return train, np.sort(val)
+
+
+SPLIT_METHOD = "np.random.seed({seed}); np.random.choice({n}, {n_val}, replace=False)"
+
+
+def split_record(ds: Dataset, fraction: float, seed: int) -> dict:
+    """The validation split with its provenance: what the indices mean and how they were drawn."""
+    train_idx, val_idx = validation_indices(len(ds.train_y), fraction, seed)
+    return {"method": SPLIT_METHOD.format(seed=seed, n=len(ds.train_y), n_val=len(val_idx)),
+            "order": ds.train_order, "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
+            "val_class_counts": {c: int((ds.train_y[val_idx] == i).sum()) for i, c in enumerate(ds.classes)},
+            "val_indices": val_idx.tolist()}
 
 
 def make_splits(ds: Dataset, val_fraction: float, split_seed: int, device: torch.device) -> dict[str, Split]:

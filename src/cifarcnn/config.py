@@ -6,6 +6,8 @@ clear line instead of a stack trace halfway through training.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -177,9 +179,16 @@ class RunConfig:
         out["input"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["input"].items()}
         return out
 
+    def seedless_dict(self) -> dict:
+        """What every seed of this run shares: configs/<run>.json, on which each seed's train
+        stage depends (so a new seed trains alone, and a changed knob re-trains every seed)."""
+        out = self.to_dict()
+        del out["seed"]
+        return out
+
     @classmethod
-    def from_dict(cls, raw: dict) -> "RunConfig":
-        raw = dict(raw)
+    def from_dict(cls, raw: dict, seed: int | None = None) -> "RunConfig":
+        raw = dict(raw) if seed is None else {**raw, "seed": seed}
         raw["input"] = InputSpec(raw["input"]["size"], tuple(raw["input"]["mean"]), tuple(raw["input"]["std"]))
         raw["augment"] = AugmentSpec(**raw["augment"]) if raw["augment"] else None
         return cls(**raw)
@@ -187,7 +196,7 @@ class RunConfig:
 
 RUN_KEYS = {"model", "model_params", "optimizer", "lr", "batch_size", "epochs", "early_stop_count",
             "augment", "input", "follows"}
-TRAIN_KEYS = {"seed", "max_epochs", "val_fraction", "split_seed", "evals_per_epoch", "device"}
+TRAIN_KEYS = {"seeds", "max_epochs", "val_fraction", "split_seed", "evals_per_epoch", "device"}
 
 
 def _resolve_refs(value: Any, params: dict, where: str, follows: str) -> Any:
@@ -213,8 +222,28 @@ def run_names(params: dict) -> list[str]:
     return list(_section(params, "runs"))
 
 
-def resolve_run(params: dict, name: str) -> RunConfig:
-    """Validate and resolve ``runs.<name>`` with the shared sections it reads."""
+def run_dirs(run_name: str, seed: int) -> tuple[Path, Path]:
+    """(models/<run>/seed<seed>, results/<run>/seed<seed>): where one seed of a run lives."""
+    return Path("models") / run_name / f"seed{seed}", Path("results") / run_name / f"seed{seed}"
+
+
+def config_digest(seedless: dict) -> str:
+    """Identifies a run's config across its seeds (the MLflow parent run of its seeds)."""
+    return hashlib.sha256(json.dumps(seedless, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_seeds(params: dict) -> list[int]:
+    """``train.seeds``: every run is trained once per seed (a DVC stage each)."""
+    seeds = _section(params, "train").get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"train.seeds: expected a non-empty list of distinct integers >= 0 (e.g. [0, 1, 2]), got {seeds!r}")
+    return seeds
+
+
+def resolve_run(params: dict, name: str, seed: int | None = None) -> RunConfig:
+    """Validate and resolve ``runs.<name>`` with the shared sections it reads, for ``seed``
+    (default: the first of ``train.seeds``)."""
     runs = _section(params, "runs")
     if name not in runs:
         raise UserError(f"runs.{name}: no such run (runs: {', '.join(runs)})")
@@ -262,7 +291,7 @@ def resolve_run(params: dict, name: str) -> RunConfig:
         early_stop_count=_int(raw.get("early_stop_count"), f"{where}.early_stop_count", minimum=2, allow_none=True),
         augment=AugmentSpec.parse(raw.get("augment"), f"{where}.augment"),
         input=InputSpec.parse(raw["input"], f"{where}.input"),
-        seed=_int(train["seed"], "train.seed", minimum=0),
+        seed=resolve_seeds(params)[0] if seed is None else _int(seed, "seed", minimum=0),
         val_fraction=_float(train["val_fraction"], "train.val_fraction", high=0.5, low_open=True),
         split_seed=_int(train["split_seed"], "train.split_seed", minimum=0),
         evals_per_epoch=_int(train["evals_per_epoch"], "train.evals_per_epoch"),

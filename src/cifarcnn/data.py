@@ -22,6 +22,9 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
 META = "batches.meta"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+ORDER_ARCHIVE = "the official archive's order (data_batch_1 ... data_batch_5), as the original indexed it"
+ORDER_FOLDER = ("an image folder's order: classes sorted by name, files sorted by name within a class "
+                "(not the official archive's order, so the original's indices pick other images)")
 TEST_PER_TRAIN = 5  # data.subset keeps N train and N / 5 test images (CIFAR's 50k / 10k ratio)
 
 
@@ -34,13 +37,16 @@ class Dataset:
     test_x: np.ndarray
     test_y: np.ndarray
     classes: list[str]
+    # What a training index means: the validation split's indices (batches.validation_indices)
+    # are positions in this order, the original's only for the official archive's order.
+    train_order: str = "unknown (a dataset file written before the order was recorded)"
 
     def save(self, path: str | Path) -> None:
         """Write atomically: an interrupted or failed write leaves no partial file."""
         with atomic_path(path, suffix=".npz") as tmp:
             np.savez(  # uncompressed: loads in a fraction of a second
                 tmp, train_x=self.train_x, train_y=self.train_y, test_x=self.test_x,
-                test_y=self.test_y, classes=np.array(self.classes),
+                test_y=self.test_y, classes=np.array(self.classes), train_order=np.array(self.train_order),
             )
 
     @classmethod
@@ -51,7 +57,8 @@ class Dataset:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 ds = cls(npz["train_x"], npz["train_y"].astype(np.int64), npz["test_x"],
-                         npz["test_y"].astype(np.int64), [str(c) for c in npz["classes"]])
+                         npz["test_y"].astype(np.int64), [str(c) for c in npz["classes"]],
+                         *([str(npz["train_order"])] if "train_order" in npz.files else []))
         except (OSError, ValueError, KeyError) as err:
             raise UserError(f"{path} is not a valid dataset file ({err}); run `dvc repro download`") from err
         ds.validate(str(path))
@@ -129,7 +136,7 @@ def read_pickle_folder(folder: Path) -> Dataset:
     parts = [_read_batch(folder / name) for name in TRAIN_BATCHES]
     test_x, test_y = _read_batch(folder / TEST_BATCH)
     ds = Dataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                 test_x, test_y, classes)
+                 test_x, test_y, classes, ORDER_ARCHIVE)
     ds.validate(str(folder))
     return ds
 
@@ -179,7 +186,7 @@ def read_image_folder(root: Path) -> Dataset:
                 images.append(array)
                 labels.append(label)
         splits[split] = (np.stack(images), np.asarray(labels, dtype=np.int64))
-    return Dataset(*splits["train"], *splits["test"], classes)
+    return Dataset(*splits["train"], *splits["test"], classes, ORDER_FOLDER)
 
 
 # --- subset and the whole conversion ---------------------------------------------------
@@ -208,7 +215,8 @@ def take_subset(ds: Dataset, subset: int | None) -> Dataset:
                         f"use at least {n_classes * TEST_PER_TRAIN}")
     tr = stratified_first(ds.train_y, subset, n_classes, "train")
     te = stratified_first(ds.test_y, n_test, n_classes, "test")
-    return Dataset(ds.train_x[tr], ds.train_y[tr], ds.test_x[te], ds.test_y[te], ds.classes)
+    return Dataset(ds.train_x[tr], ds.train_y[tr], ds.test_x[te], ds.test_y[te], ds.classes,
+                   f"the first {subset} training images, balanced over classes, of: {ds.train_order}")
 
 
 def read_source(source: str, md5: str | None, cache_dir: Path) -> Dataset:

@@ -13,7 +13,9 @@ from .training import load_best_model, predict, resolve_device, use_channels_las
 
 
 # eval.json, a DVC metrics file, holds these; the rest of the evaluation goes to eval_detail.json.
-EVAL_METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss")
+EVAL_METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss",
+                "train_acc_aug", "val_acc_aug")  # the last two only for runs with augmentation
+AUGMENTED_EVAL_SEED = 0  # the augmentation draws of the like-for-like pass (fixed: a measurement, not training)
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
@@ -54,5 +56,10 @@ def evaluate_checkpoint(best_path: str | Path, ds: Dataset, device_name: str = "
                                      for i, c in enumerate(ds.classes)}
             out["test_confusion"] = cm.tolist()
             out["test_actual"], out["test_predicted"] = labels.tolist(), preds.tolist()  # -> predictions.csv
+    if cfg.augment is not None:  # like for like with the original, which augmented train and val alike
+        for name in ("train", "val"):
+            loss, preds = predict(model, splits[name], prep, cfg.augment, AUGMENTED_EVAL_SEED)
+            out[f"{name}_loss_aug"] = loss
+            out[f"{name}_acc_aug"] = float((splits[name].y == preds).float().mean()) if len(preds) else float("nan")
     out["classes"] = list(ds.classes)
     return out

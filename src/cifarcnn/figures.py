@@ -175,3 +175,22 @@ def last_layer_figure(activations: list[np.ndarray], indices: list[int], path: s
         fig.suptitle(title)
     fig.tight_layout()
     return save(fig, path)
+
+
+def seed_curves(run: str, per_seed: dict[int, list[dict]], mean: list[dict], path: str | Path) -> Path:
+    """A run's seeds together: each seed's validation loss and accuracy as a thin line, their
+    mean as a thick one with a ± 1 sd band (where at least two seeds reached that step)."""
+    fig, axes = plt.subplots(1, 2, figsize=(16, 7))
+    steps = np.array([m["step"] for m in mean])
+    for ax, field, title in ((axes[0], "val_loss", "Validation loss"), (axes[1], "val_acc", "Validation accuracy")):
+        for seed, rows in per_seed.items():
+            ax.plot([r["step"] for r in rows], [r[field] for r in rows], lw=0.8, alpha=0.5, label=f"seed {seed}")
+        mu = np.array([m[field] for m in mean])
+        sd = np.array([m[f"{field}_sd"] for m in mean])
+        ax.plot(steps, mu, color="black", lw=2.2, label=f"mean of {len(per_seed)} seeds")
+        ax.fill_between(steps, mu - sd, mu + sd, color="black", alpha=0.15, label="± 1 sd")
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.legend(loc="upper right" if field == "val_loss" else "lower right", fontsize=8)
+    fig.suptitle(f"{run}: {len(per_seed)} seeds")
+    return save(fig, path)

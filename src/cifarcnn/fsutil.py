@@ -4,7 +4,9 @@ line when the disk is full or the folder is not writable."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import json
 import os
 import shutil
@@ -98,6 +100,14 @@ def split_metrics(values: dict, keys: tuple[str, ...]) -> tuple[dict, dict]:
     numbers = {k: values[k] for k in keys
                if isinstance(values.get(k), (int, float)) and not isinstance(values.get(k), bool)}
     return numbers, {k: v for k, v in values.items() if k not in numbers}
+
+
+def csv_text(rows: list[dict], fields: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

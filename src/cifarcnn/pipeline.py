@@ -10,31 +10,22 @@ Failure-safe by construction:
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, config_digest
 from .data import Dataset
-from .fsutil import split_metrics, staged_outputs, write_json, write_text
-from .tracking import MlflowRun, repo_root, run_tags
+from .fsutil import csv_text, split_metrics, staged_outputs, write_json, write_text
+from .tracking import PARENT_TAG, MlflowRun, parent_run, repo_root, run_tags
 from .training import BEST, RESUME, load_checkpoint, resolve_device, train
 
 CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]
 # train.json, a DVC metrics file, holds these numbers; everything else goes to run.json.
-TRAIN_METRICS = ("best_val_loss", "best_val_acc", "epochs_run", "train_seconds", "train_images_per_s")
+# Time and speed belong to the machine, not the model: they go to run.json.
+TRAIN_METRICS = ("best_val_loss", "best_val_acc", "epochs_run")
 LOSS_BLOCK_FIELDS = ["step", "mean", "std"]
-
-
-def csv_text(rows: list[dict], fields: list[str]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def resume_dir(model_dir: Path) -> Path:
@@ -56,7 +47,9 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
                     resume_in: Path | None = None) -> dict:
     device = resolve_device(cfg.device)
     resume_in = resume_in or resume_dir(model_dir)
-    run = MlflowRun.start(cfg.experiment, cfg.name, run_tags(cfg.name, str(device)),
+    parent = parent_run(cfg.experiment, cfg.name, config_digest(cfg.seedless_dict()))
+    run = MlflowRun.start(cfg.experiment, f"{cfg.name}-{cfg.seed}",
+                          {**run_tags(cfg.name, str(device)), "seed": str(cfg.seed), PARENT_TAG: parent},
                           resume_id=_resume_run_id(resume_in / RESUME), reopen=True)
     try:
         run.log_params(cfg.flat_params())

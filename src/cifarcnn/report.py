@@ -7,6 +7,7 @@ import pandas as pd
 
 from .convmath import parameter_table
 from .models import count_parameters, create_model, list_models
+from .stats import CONFIDENCE, claim_sentence, summarize, verdict, welch
 
 TASK1B = (
     "**(iii) Max pooling** reduces the sensitivity to small translations. A max-pooling window "
@@ -21,6 +22,11 @@ REPORT_MODEL_PARAMS = {"resnet18_transfer": {"weights": "none"}}
 
 def table(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt="g")
+
+
+def text_table(df: pd.DataFrame) -> str:
+    """Cells exactly as written ("45.00" stays "45.00", left-aligned): for the results tables."""
+    return df.to_markdown(index=False, disable_numparse=True)
 
 
 def parameter_summary(name: str) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -84,59 +90,114 @@ def task1_markdown(answers: dict, tables: dict[str, dict], figure: str) -> str:
 # --- the results report ------------------------------------------------------------------
 
 # The report's numbers (percent), for comparison; Task 3d "with dropout" is Model 2 (Figure 5).
+# Task 3e's train and validation numbers were measured on augmented images (NOTES: its loaders
+# shared the augmented dataset); only its test number is on clean images.
 REPORT_ACCURACY = {
     "task2": {"train": 87.28, "val": 74.29, "test": 73.58},  # Table 4
     "task3a_model1": {"train": 86.53, "val": 75.12, "test": 75.09},  # Table 8
     "task3a_model2": {"train": 85.65, "val": 75.18, "test": 75.22},  # Table 8
     "task3d_dropout": {"train": 85.65, "val": 75.18, "test": 75.22},  # Figure 5
     "task3d_no_dropout": {"train": 80.16, "val": 71.86, "test": 71.40},  # Figure 5
-    "task3e": {"train": 81.77, "val": 77.87, "test": 80.89},  # Figure 6
+    "task3e": {"train_augmented": 81.77, "val_augmented": 77.87, "test": 80.89},  # Figure 6
     "task4a": {"train": 97.16, "val": 89.89, "test": 89.46},  # Figure 7
 }
+REPORT_BEST_STEP = {"task2": 5000}  # footnote 1 of Table 4: "the model that has trained ≈ 5000" steps
 REPORT_ORDER = list(REPORT_ACCURACY)
-SPLITS = {"train": "Training", "val": "Validation", "test": "Test"}
+SPLITS = {"train": "Training", "val": "Validation", "test": "Test",
+          "train_augmented": "Training, augmented images", "val_augmented": "Validation, augmented images"}
+# The report's paired claims, each tested over our seeds (test accuracy): (better, worse, where).
+CLAIMS = [("task3a_model2", "task3a_model1", "Table 8: Model 2 beats Model 1"),
+          ("task3d_dropout", "task3d_no_dropout", "Task 3d: dropout beats no dropout"),
+          ("task3e", "task2", "Task 3e: the final model beats Task 2's")]
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def accuracy_table(results: dict[str, dict], runs: list[str], labels: list[str] | None = None) -> str:
-    """Rows: splits; per run the report's accuracy, ours (from eval.json) and ours - report."""
+def seed_values(seeds: list[dict], key: str) -> list[float] | None:
+    """``key`` of eval.json in percent, one value per seed (None where a seed lacks it)."""
+    values = [s["eval"].get(f"{key.replace('_augmented', '')}_acc_aug" if key.endswith("_augmented")
+                            else f"{key}_acc") for s in seeds]
+    return None if any(v is None for v in values) else [100 * v for v in values]
+
+
+def accuracy_table(results: dict[str, list[dict]], run: str) -> str:
+    """Rows: splits (and augmented splits where the run augments); the report's number, ours
+    over seeds (mean ± sd, n), our range, and where the report's number lies."""
     rows = []
     for split, split_name in SPLITS.items():
-        row = {"Dataset": split_name}
-        for run, label in zip(runs, labels or runs):
-            ours = results[run]["eval"][f"{split}_acc"] * 100
-            ref = REPORT_ACCURACY.get(run, {}).get(split)
-            prefix = f"{label}: " if len(runs) > 1 else ""
-            row[f"{prefix}report"] = f"{ref:.2f}%" if ref is not None else "n/a (not in the report)"
-            row[f"{prefix}ours"] = f"{ours:.2f}%"
-            row[f"{prefix}difference"] = f"{ours - ref:+.2f} pp" if ref is not None else "n/a"
+        values = seed_values(results[run], split)
+        if values is None:
+            continue
+        s = summarize(values)
+        ref = REPORT_ACCURACY.get(run, {}).get(split)
+        if ref is None and f"{split}_augmented" in REPORT_ACCURACY.get(run, {}):
+            ref_text, judged = "measured on augmented images: see below", "n/a"
+        elif ref is None:
+            ref_text, judged = "n/a", "n/a"
+        else:
+            ref_text, judged = f"{ref:.2f}", verdict(ref, s)
+        rows.append({"Dataset": split_name, "report (%)": ref_text, "ours (%), mean ± sd (n)": s.text(),
+                     "ours, min–max": s.range_text(),
+                     "ours − report (pp)": f"{s.mean - ref:+.2f}" if ref is not None else "n/a", "verdict": judged})
+    return text_table(pd.DataFrame(rows))
+
+
+def claims_section(results: dict[str, list[dict]]) -> list[str]:
+    lines = []
+    for better, worse, where in CLAIMS:
+        if better not in results or worse not in results:
+            continue
+        c = welch(seed_values(results[better], "test"), seed_values(results[worse], "test"))
+        ref = REPORT_ACCURACY[better]["test"] - REPORT_ACCURACY[worse]["test"]
+        lines.append(f"- **{where}** (test accuracy; the report: {ref:+.2f} points). Ours: "
+                     + claim_sentence(better, worse, c) + ".")
+    return lines + [""] if lines else []
+
+
+def stopping_table(results: dict[str, list[dict]]) -> str:
+    rows = []
+    for run, seeds in results.items():
+        epochs = [s["train"]["epochs_run"] for s in seeds]
+        best = [s["train"]["best_step"] for s in seeds]
+        c = seeds[0].get("config") or {}
+        ran = f"{min(epochs):g}–{max(epochs):g}" if len(set(epochs)) > 1 else f"{epochs[0]:g}"
+        rows.append({"run": run, "seeds": ", ".join(str(s["seed"]) for s in seeds),
+                     "epochs run": ran + (f" of {c['epochs']}" if c else ""),
+                     "stopped early": f"{sum(bool(s['train']['stopped_early']) for s in seeds)} of {len(seeds)}",
+                     "best step": ", ".join(str(b) for b in best),
+                     "report's best step": f"≈ {REPORT_BEST_STEP[run]:,}" if run in REPORT_BEST_STEP else "not stated"})
+    return text_table(pd.DataFrame(rows))
+
+
+def runs_table(results: dict[str, list[dict]]) -> str:
+    rows = []
+    for run, seeds in results.items():
+        for r in seeds:
+            t, c = r["train"], r.get("config")
+            rows.append({
+                "run": run, "seed": r["seed"], "device": t["device"], "input": f"{c['input']['size']} px" if c else "?",
+                "epochs run": f"{t['epochs_run']:g}" + (f" of {c['epochs']}" if c else ""),
+                "best step": t["best_step"], "early stop": "yes" if t["stopped_early"] else "no",
+                "train time": f"{t['train_seconds']:.0f} s",
+                "img/s": f"{t['train_images_per_s']:.0f}" if t.get("train_images_per_s") else "resumed",
+                "test acc": _pct(r["eval"]["test_acc"]), "MLflow run": f"`{t['mlflow_run_id']}`",
+            })
+    return text_table(pd.DataFrame(rows))
+
+
+def class_table(results: dict[str, list[dict]]) -> str:
+    """Test accuracy per class, mean over seeds."""
+    rows = []
+    for run, seeds in results.items():
+        classes = seeds[0]["eval"]["test_class_acc"]
+        row = {"run": run}
+        for c in classes:
+            values = [s["eval"]["test_class_acc"].get(c) for s in seeds]
+            row[c] = _pct(sum(values) / len(values)) if None not in values else "-"
         rows.append(row)
-    return table(pd.DataFrame(rows))
-
-
-def runs_table(results: dict[str, dict]) -> str:
-    rows = []
-    for run, r in results.items():
-        t, c = r["train"], r.get("config")
-        rows.append({
-            "run": run, "device": t["device"], "input": f"{c['input']['size']} px" if c else "?",
-            "epochs run": f"{t['epochs_run']:g}" + (f" of {c['epochs']}" if c else ""),
-            "best step": t["best_step"], "early stop": "yes" if t["stopped_early"] else "no",
-            "train time": f"{t['train_seconds']:.0f} s",
-            "img/s": f"{t['train_images_per_s']:.0f}" if t.get("train_images_per_s") else "resumed",
-            "test acc": _pct(r["eval"]["test_acc"]), "MLflow run": f"`{t['mlflow_run_id']}`",
-        })
-    return table(pd.DataFrame(rows))
-
-
-def class_table(results: dict[str, dict]) -> str:
-    rows = []
-    for run, r in results.items():
-        rows.append({"run": run, **{c: _pct(v) if v is not None else "-" for c, v in r["eval"]["test_class_acc"].items()}})
-    return table(pd.DataFrame(rows))
+    return text_table(pd.DataFrame(rows))
 
 
 # What the report's Task 4a ran: ImageNet weights, 224x224 input, 5 epochs.
@@ -159,47 +220,82 @@ def _task4a_caveats(result: dict) -> list[str]:
     return ["Not comparable to the report: " + "; ".join(notes) + ".", ""]
 
 
-def results_markdown(results: dict[str, dict], task1: dict, viz: dict | None, figures: dict[str, str]) -> str:
-    """reports/report.md: the report's tables rebuilt from the pipeline's metrics."""
-    first = next(iter(results.values()))["train"]
+def aggregates(seeds: list[dict]) -> dict[str, float]:
+    """The seeds' mean and sd (n > 1) of every accuracy and loss in eval.json, and n: for MLflow."""
+    out: dict[str, float] = {"n_seeds": len(seeds)}
+    for key in seeds[0]["eval"]:
+        values = [s["eval"].get(key) for s in seeds]
+        if key.endswith(("_acc", "_loss", "_aug")) and all(isinstance(v, (int, float)) for v in values):
+            s = summarize([float(v) for v in values])
+            out[f"mean_{key}"] = s.mean
+            if s.sd is not None:
+                out[f"sd_{key}"] = s.sd
+    return out
+
+
+def results_markdown(results: dict[str, list[dict]], task1: dict, viz: dict | None, figures: dict[str, str],
+                     split: dict | None = None) -> str:
+    """reports/report.md: the report's tables rebuilt from the pipeline's metrics, over seeds."""
+    first = next(iter(results.values()))[0]["train"]
     source = first.get("data_source", "?")
     subset = first.get("data_subset")
+    n_seeds = sorted({len(seeds) for seeds in results.values()})
     t2 = pd.DataFrame(task1["parameters"]["task2"]["rows"])
     has = set(results)
     lines = [
         "# CIFAR-10 CNN report, reproduced (generated by `dvc repro report`)", "",
         f"- Data: `{source}`" + (f", subset of {subset} training images" if subset else ", all 50,000 / 10,000 images")
         + f"; {first['n_train']:,} training / {first['n_val']:,} validation / {first['n_test']:,} test images.",
-        f"- Devices: {', '.join(sorted({r['train']['device'] for r in results.values()}))}. "
-        "Accuracies are counted per image, from each run's best checkpoint (lowest validation loss).",
-        "- \"report\" is the original report's number, \"difference\" is ours minus the report's, in percentage points.",
+    ]
+    if split:
+        lines.append(f"- Validation split: `{split['method']}`, indices into {split['order']} "
+                     "(all of them in `results/split.json`).")
+    lines += [
+        f"- Devices: {', '.join(sorted({s['train']['device'] for seeds in results.values() for s in seeds}))}. "
+        "Accuracies are counted per image, from each seed's best checkpoint (lowest validation loss).",
+        f"- Seeds per run: {', '.join(map(str, n_seeds))} (`train.seeds`). \"ours\" is the mean ± sample sd over seeds "
+        f"(n); the verdict says whether the report's number lies inside the {CONFIDENCE:.0%} t-interval of our "
+        "mean, above or below it. With one seed there is no spread to judge by, and the verdict says so.",
+        "- \"report\" is the original report's number (%), \"ours − report\" the difference of the means in percentage points.",
         "",
         "## Runs", "", runs_table(results), "",
+        "## Stopping", "", stopping_table(results), "",
         "## Task 1g — parameters of the Task 2 network", "",
         table(t2[["n", "type", "weight_shape", "weights", "biases", "parameters"]]), "",
         f"Total **{task1['parameters']['task2']['total']:,}** (report: 390,410). All of Task 1: [task1.md](task1.md).", "",
     ]
     sections = [
-        ("task2", "## Task 2 — Table 4", ["task2"], None),
-        ("task3a_model1", "## Task 3b — Table 8 (Model 1 vs Model 2)", ["task3a_model1", "task3a_model2"],
-         ["Model 1", "Model 2"]),
-        ("task3d_dropout", "## Task 3d — with and without dropout (no early stopping)",
-         ["task3d_dropout", "task3d_no_dropout"], ["With dropout", "Without dropout"]),
-        ("task3e", "## Task 3e — the final model", ["task3e"], None),
-        ("task4a", "## Task 4a — ResNet18 transfer learning", ["task4a"], None),
+        ("## Task 2 — Table 4", [("task2", None)]),
+        ("## Task 3b — Table 8 (Model 1 vs Model 2)", [("task3a_model1", "Model 1"), ("task3a_model2", "Model 2")]),
+        ("## Task 3d — with and without dropout (no early stopping)",
+         [("task3d_dropout", "With dropout"), ("task3d_no_dropout", "Without dropout")]),
+        ("## Task 3e — the final model", [("task3e", None)]),
+        ("## Task 4a — ResNet18 transfer learning", [("task4a", None)]),
     ]
-    for key, heading, runs, labels in sections:
-        if not set(runs) <= has:
+    for heading, runs in sections:
+        present = [(run, label) for run, label in runs if run in has]
+        if not present:
             continue
-        lines += [heading, "", accuracy_table(results, runs, labels), ""]
-        for run in runs:
-            if f"{run}_curves" in figures:
-                lines += [f"![{run} training curves]({figures[f'{run}_curves']})", ""]
-        if key == "task3d_dropout" and "task3d" in figures:
+        lines += [heading, ""]
+        for run, label in present:
+            if label:
+                lines += [f"**{label}** (`{run}`)", ""]
+            lines += [accuracy_table(results, run), ""]
+            if run == "task3e":
+                lines += ["The report's training and validation numbers for Task 3e were measured on augmented "
+                          "images (its loaders shared the augmented dataset), so they are judged against ours on "
+                          "augmented images; our clean numbers are shown above them.", ""]
+            for kind in ("seeds", "curves"):
+                if f"{run}_{kind}" in figures:
+                    lines += [f"![{run} {kind}]({figures[f'{run}_{kind}']})", ""]
+        if runs[0][0] == "task3d_dropout" and "task3d" in figures:
             lines += [f"![Task 3d: with vs without dropout]({figures['task3d']})", ""]
-        if key == "task4a":
-            lines += _task4a_caveats(results["task4a"])
-    lines += ["## Test accuracy per class", "", class_table(results), ""]
+        if runs[0][0] == "task4a" and "task4a" in has:
+            lines += _task4a_caveats(results["task4a"][0])
+    claims = claims_section(results)
+    if claims:
+        lines += ["## The report's claims, tested over seeds", ""] + claims
+    lines += ["## Test accuracy per class (mean over seeds)", "", class_table(results), ""]
     if viz is not None:
         lines += ["## Task 4b — first conv layer on the photo", "",
                   f"ResNet18 with `{viz['resnet_weights']}` weights: each column a conv1 filter (top) and its "
@@ -220,9 +316,10 @@ def results_markdown(results: dict[str, dict], task1: dict, viz: dict | None, fi
     return "\n".join(lines)
 
 
-def load_results(results_dir: Path) -> dict[str, dict]:
-    """Every run with both train.json and eval.json (with run.json and eval_detail.json merged
-    in), in the report's order."""
+def load_results(results_dir: Path, runs: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+    """For each of ``runs``, its ``seeds`` that have both train.json and eval.json (with run.json,
+    eval_detail.json and config.json beside them), in the report's order. Only the seeds asked
+    for: a seed dropped from train.seeds leaves its folder behind, and it must not count."""
     import json
 
     def read(path: Path, *beside: str) -> dict:  # a metrics file and the non-numbers beside it
@@ -232,16 +329,42 @@ def load_results(results_dir: Path) -> dict[str, dict]:
                 out.update(json.loads(path.with_name(name).read_text()))
         return out
 
-    found = {}
-    for train_json in sorted(Path(results_dir).glob("*/train.json")):
-        eval_json = train_json.with_name("eval.json")
-        if eval_json.exists():
-            config_json = train_json.with_name("config.json")
-            found[train_json.parent.name] = {
-                "train": read(train_json, "run.json"), "eval": read(eval_json, "eval_detail.json"),
-                "config": json.loads(config_json.read_text()) if config_json.exists() else None}
+    found: dict[str, list[dict]] = {}
+    for run in runs:
+        for seed in seeds:
+            folder = Path(results_dir) / run / f"seed{seed}"
+            if (folder / "train.json").exists() and (folder / "eval.json").exists():
+                config_json = folder / "config.json"
+                found.setdefault(run, []).append({
+                    "seed": seed, "train": read(folder / "train.json", "run.json"),
+                    "eval": read(folder / "eval.json", "eval_detail.json"),
+                    "config": json.loads(config_json.read_text()) if config_json.exists() else None})
     order = {run: i for i, run in enumerate(REPORT_ORDER)}
     return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def mean_curves(curves: list[dict]) -> dict[str, list]:
+    """Validation points and 50-step loss blocks averaged over seeds, step by step (a seed that
+    stopped early counts only where it ran): mean, sd and n per step."""
+    def combine(rows_per_seed: list[list[dict]], fields: list[str]) -> list[dict]:
+        by_step: dict[int, list[dict]] = {}
+        for rows in rows_per_seed:
+            for row in rows:
+                by_step.setdefault(int(row["step"]), []).append(row)
+        out = []
+        for step in sorted(by_step):
+            rows = by_step[step]
+            entry: dict = {"step": step, "n": len(rows)}
+            for f in fields:
+                s = summarize([float(r[f]) for r in rows])
+                entry[f] = s.mean
+                entry[f"{f}_sd"] = s.sd if s.sd is not None else 0.0
+            out.append(entry)
+        return out
+
+    blocks = [[{"step": st, "mean": m} for st, m in zip(c["blocks"]["step"], c["blocks"]["mean"])] for c in curves]
+    return {"validations": combine([c["validations"] for c in curves], ["epoch", "val_loss", "val_acc"]),
+            "train_loss": combine(blocks, ["mean"])}
 
 
 def load_curves(run_dir: Path) -> dict:

@@ -295,6 +295,46 @@ def run_tags(run_name: str, device: str) -> dict[str, str]:
     }
 
 
+PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a run under the run this tag names
+PARENT_MARK = "seeds_parent"  # tag of a report run's parent: it holds no training, only its seeds' aggregates
+
+
+def _find_parent(client: MlflowClient, exp_id: str, run_name: str, digest: str) -> str | None:
+    found = client.search_runs([exp_id], filter_string=f"tags.{PARENT_MARK} = 'true' and tags.run = '{run_name}' "
+                                                       f"and tags.config_digest = '{digest}'",
+                               max_results=1, order_by=["attributes.start_time ASC"])
+    return found[0].info.run_id if found else None
+
+
+def parent_run(experiment: str, run_name: str, digest: str) -> str:
+    """The parent MLflow run of every seed of ``run_name`` with this config (found by its tags,
+    created on first use): the UI nests the seeds under it, and it carries their aggregates."""
+    client, exp_id = connect(experiment)
+    try:
+        found = _find_parent(client, exp_id, run_name, digest)
+        if found:
+            return found
+        name = run_name + (f" ({os.environ['DVC_EXP_NAME']})" if os.environ.get("DVC_EXP_NAME") else "")
+        run = client.create_run(exp_id, run_name=name, tags={
+            PARENT_MARK: "true", "run": run_name, "config_digest": digest, "git_commit": git_commit(repo_root()),
+            "mlflow.note.content": f"All seeds of `{run_name}` with config {digest}: each seed is a child run; "
+                                   "mean_*, sd_* and n_seeds are their aggregates (written by the report stage)."})
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"MLflow store {tracking_uri()} refused the parent run of {run_name} "
+                        f"({type(err).__name__}: {_first_line(err)}); re-run the stage when it answers") from err
+
+
+def log_aggregates(experiment: str, run_name: str, digest: str, aggregates: dict[str, float]) -> str:
+    """The seeds' mean, sd and n onto the run's parent (the one its seeds were trained under)."""
+    run_id = parent_run(experiment, run_name, digest)
+    client, _ = connect(experiment)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in aggregates.items()])
+    return run_id
+
+
 def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: dict,
                    artifacts: list[Path]) -> str:
     """Log evaluation numbers into the training run; a new run if that one is not in this store."""
@@ -304,7 +344,7 @@ def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: 
     if run.run_id != run_id:
         print(f"MLflow run {run_id} of {run_name} is not in {tracking_uri()}; logging the evaluation "
               f"into a new run {run.run_id}")
-    flat = {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss"))}
+    flat = {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss", "_aug"))}
     flat.update({f"test_acc_{c}": v for c, v in metrics.get("test_class_acc", {}).items() if v is not None})
     run.log_summary(flat, prefix="eval_")
     for path in artifacts:

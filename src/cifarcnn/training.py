@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .augment import AugmentDraws, draw_augment
+from .augment import AugmentDraws, apply_augment, draw_augment
 from .batches import Preprocess, Split, epoch_batches, eval_batches, make_splits, training_inputs
-from .config import RunConfig
+from .config import AugmentSpec, RunConfig
 from .data import Dataset
 from .errors import UserError
 from .codedeps import code_digest
@@ -142,21 +142,31 @@ def make_step(fn: StepFn, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, split: Split, prep: Preprocess) -> tuple[float, torch.Tensor]:
-    """Mean cross-entropy over every image of ``split`` and the predicted classes (eval mode)."""
+def predict(model: torch.nn.Module, split: Split, prep: Preprocess,
+            augment: AugmentSpec | None = None, seed: int = 0) -> tuple[float, torch.Tensor]:
+    """Mean cross-entropy over every image of ``split`` and the predicted classes (eval mode).
+
+    ``augment``: each image augmented first, with draws from ``seed`` (the original measured
+    Task 3e's train and validation accuracy so, its loaders sharing the augmented dataset).
+    """
     was_training = model.training
     model.eval()
-    scale = 8 if split.y.device.type == "cuda" else 1  # a GPU wants bigger batches
+    device = split.y.device
+    scale = 8 if device.type == "cuda" else 1  # a GPU wants bigger batches
     batch = max(16, scale * EVAL_BATCH * 32 * 32 // (prep.size * prep.size))
-    loss_sum = torch.zeros((), device=split.y.device, dtype=torch.float64)
+    gen = torch.Generator(device=device).manual_seed(seed) if augment is not None else None
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     preds = []
     for idx in eval_batches(len(split), batch):
-        idx = idx.to(split.y.device)
-        logits = model(prep(split.x[idx]))
+        idx = idx.to(device)
+        x = prep.unit(split.x[idx])
+        if augment is not None:
+            x = apply_augment(x, augment, draw_augment(augment, len(idx), gen, device))
+        logits = model(prep.finish(x))
         loss_sum += F.cross_entropy(logits.float(), split.y[idx], reduction="sum").double()
         preds.append(logits.argmax(1))
     model.train(was_training)
-    predictions = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=split.y.device)
+    predictions = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=device)
     return float(loss_sum) / max(len(split), 1), predictions
 
 
