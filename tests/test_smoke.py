@@ -130,7 +130,7 @@ def test_exp_run_with_lr_reruns_only_the_final_model(project):
 
 
 EXP_SHOW = ["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep",
-            "Experiment|lr$|results/task3e/seed0/eval.json:(val|test)_acc"]
+            "Experiment|lr$|results/task3e/seed0/eval.json:(val|test)_acc$"]
 
 
 def test_exp_show_and_metrics_show_fit_a_terminal(project):
