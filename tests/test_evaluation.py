@@ -179,3 +179,18 @@ def test_report_says_when_task4a_is_not_the_reports_set_up(tmp_path):
     as_reported = {**shrunk, "train": {**shrunk["train"], "resnet_weights": "imagenet"},
                    "config": {**config, "input": {**config["input"], "size": 224}, "epochs": 5}}
     assert report._task4a_caveats(as_reported) == []
+
+
+def test_served_images_are_resized_to_cifar_as_uint8():
+    import numpy as np
+    import torch
+
+    from cifarcnn.serving import to_cifar
+
+    img = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert torch.equal(to_cifar(img), torch.from_numpy(img).permute(0, 3, 1, 2))  # 32 x 32: untouched
+    big = img.repeat(4, axis=1).repeat(4, axis=2)  # 128 x 128 blocks of 4 x 4: averaging gives the original back
+    assert (to_cifar(big).int() - torch.from_numpy(img).permute(0, 3, 1, 2).int()).abs().max() <= 1
+    assert to_cifar(img[0]).shape == (1, 3, 32, 32)  # a single H x W x 3 image
+    with pytest.raises(ValueError, match=r"expected uint8 images \[N, H, W, 3\]"):
+        to_cifar(np.zeros((2, 32, 32), np.uint8))

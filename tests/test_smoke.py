@@ -263,6 +263,65 @@ def test_mlflow_server_serves_comparable_runs(project):
             server.wait()
 
 
+def test_registered_model_serves_the_evaluate_stages_predictions(project):
+    """The final model is in the Model Registry; `mlflow models serve --env-manager local` (as the
+    README says) answers raw uint8 test images with class names and probabilities, and its classes
+    equal the evaluate stage's predictions for the same checkpoint."""
+    import signal
+    import time
+    import urllib.request
+
+    import numpy as np
+
+    repo, env, _ = project
+    run_id = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")["mlflow_run_id"]
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (version,) = [v for v in client.search_model_versions("name = 'cifar10-task3e'") if v.run_id == run_id]
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/cifar10-task3e/{version.version}",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=repo, env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, "mlflow models serve exited"
+            assert time.time() < deadline, "the model server did not come up in 180 s"
+            time.sleep(1)
+
+        def invoke(images: np.ndarray) -> list[dict]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.loads(r.read())["predictions"]
+
+        with np.load(repo / "data" / "cifar10.npz") as data:
+            images, classes = data["test_x"], [str(c) for c in data["classes"]]
+        answers = invoke(images)  # uint8 [60, 32, 32, 3], exactly what the evaluate stage scored
+        rows = (repo / "results" / "task3e" / "seed0" / "predictions.csv").read_text().splitlines()[1:]
+        assert [a["class"] for a in answers] == [row.split(",")[1] for row in rows]
+        for a in answers:
+            assert sum(a[c] for c in classes) == pytest.approx(1.0, abs=1e-5) and a["class"] == max(classes, key=a.get)
+        bigger = images[:3].repeat(3, axis=1).repeat(3, axis=2)  # 96 x 96: resized to 32 x 32 inside the model
+        assert [a["class"] in classes for a in invoke(bigger)] == [True] * 3
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 def test_adding_a_seed_trains_only_the_new_seed(project):
     """`dvc exp run -S 'train.seeds=[0,1]'`: every run's seed 1 trains and is evaluated, no seed 0
     re-trains, and the report gives mean ± sd (n = 2) with verdicts and the paired claims."""

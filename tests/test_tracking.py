@@ -56,13 +56,19 @@ def test_training_run_contents(store):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "checkpoint" in artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
-    # The logged model loads and predicts.
+    # The logged model is a pyfunc: raw uint8 images of any size in, class names and probabilities out.
     import mlflow
+    import numpy as np
     models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     assert sorted(m.source_run_id for m in models) == sorted([run.info.run_id, seed1["mlflow_run_id"]])  # one each
-    model = mlflow.pytorch.load_model(next(m for m in models if m.source_run_id == run.info.run_id).model_uri)
-    import torch
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    model = mlflow.pyfunc.load_model(next(m for m in models if m.source_run_id == run.info.run_id).model_uri)
+    ds = tiny_dataset(300, 60)
+    out = model.predict(ds.test_x[:5])
+    assert list(out.columns) == ["class", *ds.classes] and len(out) == 5
+    assert np.allclose(out[ds.classes].sum(axis=1), 1.0) and set(out["class"]) <= set(ds.classes)
+    schema = model.metadata.get_input_schema().inputs[0]
+    assert schema.type == np.dtype(np.uint8) and schema.shape == (-1, -1, -1, 3)
+    assert len(model.predict(np.zeros((2, 48, 40, 3), np.uint8))) == 2  # another size: resized inside
     # Results written for DVC, pointing back at the run.
     written = merged(store / "results" / "task2", "train.json", "run.json")
     assert written["mlflow_run_id"] == run.info.run_id

@@ -157,6 +157,7 @@ class RunConfig:
     experiment: str
     follows: str
     data_params: dict = field(default_factory=dict)
+    register: str | None = None  # MLflow Model Registry name: each trained seed becomes a new version
 
     def flat_params(self) -> dict[str, Any]:
         """Loggable params, dotted like params.yaml (run keys relative to the run's block)."""
@@ -195,7 +196,7 @@ class RunConfig:
 
 
 RUN_KEYS = {"model", "model_params", "optimizer", "lr", "batch_size", "epochs", "early_stop_count",
-            "augment", "input", "follows"}
+            "augment", "input", "follows", "register"}
 TRAIN_KEYS = {"seeds", "max_epochs", "val_fraction", "split_seed", "evals_per_epoch", "device"}
 
 
@@ -299,7 +300,14 @@ def resolve_run(params: dict, name: str, seed: int | None = None) -> RunConfig:
         experiment=str(mlflow_section["experiment"]),
         follows=follows,
         data_params={k: data.get(k) for k in ("source", "subset")},
+        register=_registered_name(raw.get("register"), f"{where}.register"),
     )
+
+
+def _registered_name(value: Any, key: str) -> str | None:
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value)):
+        raise UserError(f"{key}: expected null or a model name of letters, digits, '.', '_' and '-', got {value!r}")
+    return value
 
 
 def resolve_all(params: dict) -> dict[str, RunConfig]:

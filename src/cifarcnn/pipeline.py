@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from .config import RunConfig, config_digest
 from .data import Dataset
 from .fsutil import csv_text, split_metrics, staged_outputs, write_json, write_text
@@ -72,9 +69,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
             run.flush()
             run.log_summary({k: metrics[k] for k in ("best_val_loss", "best_val_acc")}, prefix="")
             run.log_artifact(model_dir / BEST, "checkpoint")
-            model = result.model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-            example = np.zeros((2, 3, cfg.input.size, cfg.input.size), dtype=np.float32)
-            run.log_model(model, example)  # batch of 2: a batch of 1 would fix the batch dimension
+            run.log_classifier(model_dir / BEST, ds.classes, ds.test_x[:2], cfg.register)  # two real test images
             metrics["mlflow_logging_seconds"] = round(logging_seconds, 3)
             metrics["mlflow_logging_share"] = round(logging_seconds / max(metrics["train_seconds"], 1e-9), 4)
             run.log_summary({k: metrics[k] for k in ("mlflow_logging_seconds", "mlflow_logging_share")}, prefix="")

@@ -251,16 +251,14 @@ class MlflowRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._retrying("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
-    def log_model(self, model, input_example) -> None:
-        import torch
+    def log_classifier(self, checkpoint: Path, classes: list[str], example, registered_name: str | None) -> None:
+        """The usable model (cifarcnn.serving: raw images in, class names and probabilities out),
+        registered as a new version of ``registered_name`` when the run names one."""
+        from .serving import log_classifier
 
         def _log():
             with mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(
-                    model, name="model", input_example=input_example,
-                    # explicit requirements: inferring them imports the whole environment (slow)
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                )
+                log_classifier(checkpoint, classes, example, registered_name)
         self._retrying("log model", _log)
 
     def abandon(self) -> None:
