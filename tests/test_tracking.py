@@ -13,6 +13,7 @@ from cifarcnn import tracking
 from cifarcnn.config import config_digest
 from cifarcnn.errors import UserError
 from cifarcnn.pipeline import train_and_track
+from cifarcnn.training import data_fingerprint
 
 
 @pytest.fixture
@@ -39,6 +40,17 @@ def test_training_run_contents(store):
     assert parent.info.run_name == "task2 (test-exp)" and parent.data.tags["seeds_parent"] == "true"
     assert tracking.parent_run(cfg.experiment, "task2", parent.data.tags["config_digest"]) == parent.info.run_id
     assert tags["seed"] == "0" and parent.data.tags["config_digest"] == config_digest(cfg.seedless_dict())
+    # MLflow's own source tags and description: the UI's Source column and Overview note.
+    assert tags["mlflow.source.name"] == "stages/train.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"]
+    assert tags["mlflow.note.content"] == "Task 2: the 3-conv-layer CNN (Tables 2-4, Figure 2), seed 0"
+    assert parent.data.tags["mlflow.note.content"].startswith("Task 2: the 3-conv-layer CNN (Tables 2-4, Figure 2). All seeds")
+    # The data as the run's input: source, digest and the split sizes.
+    (data_input,) = run.inputs.dataset_inputs
+    assert data_input.dataset.name == "cifar10" and data_input.dataset.digest == data_fingerprint(tiny_dataset(300, 60))
+    input_tags = {t.key: t.value for t in data_input.tags}
+    assert input_tags["mlflow.data.context"] == "training"
+    assert (input_tags["train_images"], input_tags["val_images"], input_tags["test_images"]) == ("270", "30", "60")
     seed1 = train_and_track(dataclasses.replace(cfg, seed=1), tiny_dataset(300, 60), store / "models" / "s1",
                             store / "results" / "s1")
     assert client.get_run(seed1["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id

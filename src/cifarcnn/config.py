@@ -158,6 +158,7 @@ class RunConfig:
     follows: str
     data_params: dict = field(default_factory=dict)
     register: str | None = None  # MLflow Model Registry name: each trained seed becomes a new version
+    describes: str = ""  # which part of the report the run produces (the MLflow run's description)
 
     def flat_params(self) -> dict[str, Any]:
         """Loggable params, dotted like params.yaml (run keys relative to the run's block)."""
@@ -196,7 +197,7 @@ class RunConfig:
 
 
 RUN_KEYS = {"model", "model_params", "optimizer", "lr", "batch_size", "epochs", "early_stop_count",
-            "augment", "input", "follows", "register"}
+            "augment", "input", "follows", "register", "describes"}
 TRAIN_KEYS = {"seeds", "max_epochs", "val_fraction", "split_seed", "evals_per_epoch", "device"}
 
 
@@ -301,7 +302,14 @@ def resolve_run(params: dict, name: str, seed: int | None = None) -> RunConfig:
         follows=follows,
         data_params={k: data.get(k) for k in ("source", "subset")},
         register=_registered_name(raw.get("register"), f"{where}.register"),
+        describes=_text(raw.get("describes", ""), f"{where}.describes"),
     )
+
+
+def _text(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{key}: expected text, got {value!r}")
+    return value
 
 
 def _registered_name(value: Any, key: str) -> str | None:

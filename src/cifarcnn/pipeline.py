@@ -16,7 +16,8 @@ from .config import RunConfig, config_digest
 from .data import Dataset
 from .fsutil import csv_text, split_metrics, staged_outputs, write_json, write_text
 from .tracking import PARENT_TAG, MlflowRun, parent_run, repo_root, run_tags
-from .training import BEST, RESUME, load_checkpoint, resolve_device, train
+from .batches import validation_indices
+from .training import BEST, RESUME, data_fingerprint, load_checkpoint, resolve_device, train
 
 CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]
 # train.json, a DVC metrics file, holds these numbers; everything else goes to run.json.
@@ -44,12 +45,18 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
                     resume_in: Path | None = None) -> dict:
     device = resolve_device(cfg.device)
     resume_in = resume_in or resume_dir(model_dir)
-    parent = parent_run(cfg.experiment, cfg.name, config_digest(cfg.seedless_dict()))
+    parent = parent_run(cfg.experiment, cfg.name, config_digest(cfg.seedless_dict()), cfg.describes)
+    description = f"{cfg.describes}, seed {cfg.seed}" if cfg.describes else f"{cfg.name}, seed {cfg.seed}"
     run = MlflowRun.start(cfg.experiment, f"{cfg.name}-{cfg.seed}",
-                          {**run_tags(cfg.name, str(device)), "seed": str(cfg.seed), PARENT_TAG: parent},
+                          {**run_tags(cfg.name, str(device), "stages/train.py", description), "seed": str(cfg.seed),
+                           PARENT_TAG: parent},
                           resume_id=_resume_run_id(resume_in / RESUME), reopen=True)
     try:
         run.log_params(cfg.flat_params())
+        n_val = len(validation_indices(len(ds.train_y), cfg.val_fraction, cfg.split_seed)[1])
+        run.log_dataset(str(cfg.data_params.get("source")), data_fingerprint(ds), {
+            "subset": str(cfg.data_params.get("subset")), "train_images": str(len(ds.train_y) - n_val),
+            "val_images": str(n_val), "test_images": str(len(ds.test_y)), "order": ds.train_order})
         result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
                        resume_dir=resume_in, keep_resume=True, score=False)  # the evaluate stage scores it
         logging_seconds = run.seconds  # params + per-step/validation metrics, during training

@@ -251,6 +251,18 @@ class MlflowRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._retrying("log artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def log_dataset(self, source: str, digest: str, tags: dict[str, str]) -> None:
+        """The data as the run's input (MLflow's Dataset panel): where it came from, its digest,
+        and the split sizes as tags; a reference only, nothing is uploaded."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        def _log():
+            dataset = MetaDataset(resolve_dataset_source(source), name="cifar10", digest=digest)
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.log_input(dataset, context="training", tags=tags)
+        self._retrying("log dataset", _log)
+
     def log_classifier(self, checkpoint: Path, classes: list[str], example, registered_name: str | None) -> None:
         """The usable model (cifarcnn.serving: raw images in, class names and probabilities out),
         registered as a new version of ``registered_name`` when the run names one."""
@@ -279,12 +291,19 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:200]
 
 
-def run_tags(run_name: str, device: str) -> dict[str, str]:
+def run_tags(run_name: str, device: str, script: str, description: str = "") -> dict[str, str]:
+    """What a run says about itself: MLflow's own source tags (the UI's Source and commit
+    columns), its description (the Overview note), and where and how it ran."""
     import torch
 
     root = repo_root()
+    commit = git_commit(root)
     return {
-        "git_commit": git_commit(root),
+        "mlflow.source.name": script,
+        "mlflow.source.type": "PROJECT" if os.environ.get("MLFLOW_RUN_ID") else "LOCAL",
+        "mlflow.source.git.commit": commit,
+        **({"mlflow.note.content": description} if description else {}),
+        "git_commit": commit,
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
         "device": device,
@@ -304,7 +323,7 @@ def _find_parent(client: MlflowClient, exp_id: str, run_name: str, digest: str) 
     return found[0].info.run_id if found else None
 
 
-def parent_run(experiment: str, run_name: str, digest: str) -> str:
+def parent_run(experiment: str, run_name: str, digest: str, describes: str = "") -> str:
     """The parent MLflow run of every seed of ``run_name`` with this config (found by its tags,
     created on first use): the UI nests the seeds under it, and it carries their aggregates."""
     client, exp_id = connect(experiment)
@@ -315,7 +334,8 @@ def parent_run(experiment: str, run_name: str, digest: str) -> str:
         name = run_name + (f" ({os.environ['DVC_EXP_NAME']})" if os.environ.get("DVC_EXP_NAME") else "")
         run = client.create_run(exp_id, run_name=name, tags={
             PARENT_MARK: "true", "run": run_name, "config_digest": digest, "git_commit": git_commit(repo_root()),
-            "mlflow.note.content": f"All seeds of `{run_name}` with config {digest}: each seed is a child run; "
+            "mlflow.note.content": (f"{describes}. " if describes else "") +
+                                   f"All seeds of `{run_name}` with config {digest}: each seed is a child run; "
                                    "mean_*, sd_* and n_seeds are their aggregates (written by the report stage)."})
         client.set_terminated(run.info.run_id)
         return run.info.run_id
@@ -336,7 +356,7 @@ def log_aggregates(experiment: str, run_name: str, digest: str, aggregates: dict
 def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: dict,
                    artifacts: list[Path]) -> str:
     """Log evaluation numbers into the training run; a new run if that one is not in this store."""
-    run = MlflowRun.start(experiment, run_name, {**run_tags(run_name, metrics.get("device", "")),
+    run = MlflowRun.start(experiment, run_name, {**run_tags(run_name, metrics.get("device", ""), "stages/evaluate.py"),
                                                  "evaluation_only": "true"},
                           resume_id=run_id)
     if run.run_id != run_id:
