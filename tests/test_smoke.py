@@ -118,7 +118,7 @@ def test_exp_run_with_lr_reruns_only_the_final_model(project):
     new = [r for r in training_runs(client, "cifar10-cnn-report") if r.info.run_id not in before]
     assert len(new) == 1
     newest = new[0]
-    assert newest.info.run_name == "task3e-0" and newest.data.params["lr"] == "0.001"
+    assert newest.info.run_name == f"task3e-0 ({newest.data.tags['dvc_exp_name']})" and newest.data.params["lr"] == "0.001"
     parent = client.get_run(newest.data.tags["mlflow.parentRunId"])  # a new config: a new parent
     assert parent.data.tags["run"] == "task3e" and newest.data.tags["dvc_exp_name"] in parent.info.run_name
     assert newest.data.tags["dvc_exp_name"]  # the DVC experiment that made it

@@ -33,7 +33,7 @@ def test_training_run_contents(store):
     exp = client.get_experiment_by_name(cfg.experiment)
     assert exp.artifact_location == (store / "mlartifacts").as_uri()
     run = client.get_run(metrics["mlflow_run_id"])
-    assert run.info.run_name == "task2-0" and run.info.status == "FINISHED"  # run and seed, as the stage train@task2-0
+    assert run.info.run_name == "task2-0 (test-exp)" and run.info.status == "FINISHED"  # stage train@task2-0, DVC experiment
     tags = run.data.tags
     # Nested under the run's parent, which holds every seed of this config (found again, not duplicated).
     parent = client.get_run(tags["mlflow.parentRunId"])

@@ -10,6 +10,7 @@ Failure-safe by construction:
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .config import RunConfig, config_digest
@@ -47,16 +48,17 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
     resume_in = resume_in or resume_dir(model_dir)
     parent = parent_run(cfg.experiment, cfg.name, config_digest(cfg.seedless_dict()), cfg.describes)
     description = f"{cfg.describes}, seed {cfg.seed}" if cfg.describes else f"{cfg.name}, seed {cfg.seed}"
-    run = MlflowRun.start(cfg.experiment, f"{cfg.name}-{cfg.seed}",
+    experiment_name = os.environ.get("DVC_EXP_NAME")  # `dvc exp run`: names repeat across experiments without it
+    run = MlflowRun.start(cfg.experiment, f"{cfg.name}-{cfg.seed}" + (f" ({experiment_name})" if experiment_name else ""),
                           {**run_tags(cfg.name, str(device), "stages/train.py", description), "seed": str(cfg.seed),
                            PARENT_TAG: parent},
                           resume_id=_resume_run_id(resume_in / RESUME), reopen=True)
     try:
-        run.log_params(cfg.flat_params())
         n_val = len(validation_indices(len(ds.train_y), cfg.val_fraction, cfg.split_seed)[1])
         run.log_dataset(str(cfg.data_params.get("source")), data_fingerprint(ds), {
             "subset": str(cfg.data_params.get("subset")), "train_images": str(len(ds.train_y) - n_val),
             "val_images": str(n_val), "test_images": str(len(ds.test_y)), "order": ds.train_order})
+        run.log_params(cfg.flat_params())  # the last call before training that waits for the store
         result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
                        resume_dir=resume_in, keep_resume=True, score=False)  # the evaluate stage scores it
         logging_seconds = run.seconds  # params + per-step/validation metrics, during training
