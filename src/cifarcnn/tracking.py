@@ -11,6 +11,7 @@ import os
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 # Bounded waits for an unreachable tracking server (set before mlflow reads them).
@@ -258,7 +259,9 @@ class MlflowRun:
         from mlflow.data.meta_dataset import MetaDataset
 
         def _log():
-            dataset = MetaDataset(resolve_dataset_source(source), name="cifar10", digest=digest)
+            with warnings.catch_warnings():  # a local path matches MLflow's local source twice; it warns, and picks it
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                dataset = MetaDataset(resolve_dataset_source(source), name="cifar10", digest=digest)
             with mlflow.start_run(run_id=self.run_id):
                 mlflow.log_input(dataset, context="training", tags=tags)
         self._retrying("log dataset", _log)
