@@ -159,7 +159,7 @@ def claims_section(results: dict[str, list[dict]]) -> list[str]:
 def stopping_table(results: dict[str, list[dict]]) -> str:
     rows = []
     for run, seeds in results.items():
-        epochs = [s["train"]["epochs_run"] for s in seeds]
+        epochs = [round(s["train"]["epochs_run"], 2) for s in seeds]
         best = [s["train"]["best_step"] for s in seeds]
         c = seeds[0].get("config") or {}
         ran = f"{min(epochs):g}–{max(epochs):g}" if len(set(epochs)) > 1 else f"{epochs[0]:g}"
