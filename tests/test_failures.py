@@ -237,7 +237,17 @@ def test_store_down_at_the_end_keeps_the_training_and_the_next_run_only_logs(sto
     monkeypatch.setattr(tracking.MlflowRun, "_write", real_write)
     (store / "models" / "best.pt").unlink()  # as DVC does before it runs the stage again
     capsys.readouterr()
+    from cifarcnn import training
+    reads, real_load = [], training.load_checkpoint
+
+    def counted(path):
+        reads.append(Path(path).name)
+        return real_load(path)
+
+    monkeypatch.setattr(pipeline, "load_checkpoint", counted)
+    monkeypatch.setattr(training, "load_checkpoint", counted)
     metrics = train_and_track(cfg, ds, store / "models", store / "results")
+    assert reads.count("resume.pt") == 1  # the MLflow run id and the state come from one read
     assert re.search(rf"resuming task2 from step {metrics['steps']} ", capsys.readouterr().out)
     assert metrics["mlflow_run_id"] == failed.info.run_id and metrics["resumed_from_step"] == metrics["steps"]
     run = client.get_run(failed.info.run_id)

@@ -33,26 +33,18 @@ def resume_dir(model_dir: Path) -> Path:
     return model_dir if model_dir.is_absolute() else repo_root() / model_dir
 
 
-def _resume_run_id(path: Path) -> str | None:
-    if not path.exists():
-        return None
-    try:
-        return load_checkpoint(path).get("run_state", {}).get("mlflow_run_id")
-    except Exception:  # noqa: BLE001 - an unreadable resume file is handled by train()
-        return None
-
-
 def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: Path,
                     resume_in: Path | None = None) -> dict:
     device = resolve_device(cfg.device)
     resume_in = resume_in or resume_dir(model_dir)
+    state = load_checkpoint(resume_in / RESUME) if (resume_in / RESUME).exists() else None  # read once, here
     parent = parent_run(cfg.experiment, cfg.name, config_digest(cfg.seedless_dict()), cfg.describes)
     description = f"{cfg.describes}, seed {cfg.seed}" if cfg.describes else f"{cfg.name}, seed {cfg.seed}"
     experiment_name = os.environ.get("DVC_EXP_NAME")  # `dvc exp run`: names repeat across experiments without it
     run = MlflowRun.start(cfg.experiment, f"{cfg.name}-{cfg.seed}" + (f" ({experiment_name})" if experiment_name else ""),
                           {**run_tags(cfg.name, str(device), "stages/train.py", description), "seed": str(cfg.seed),
                            PARENT_TAG: parent},
-                          resume_id=_resume_run_id(resume_in / RESUME), reopen=True)
+                          resume_id=state.get("run_state", {}).get("mlflow_run_id") if state else None, reopen=True)
     try:
         n_val = len(validation_indices(len(ds.train_y), cfg.val_fraction, cfg.split_seed)[1])
         run.log_dataset(str(cfg.data_params.get("source")), data_fingerprint(ds), {
@@ -60,7 +52,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
             "val_images": str(n_val), "test_images": str(len(ds.test_y)), "order": ds.train_order})
         run.log_params(cfg.flat_params())  # the last call before training that waits for the store
         result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
-                       resume_dir=resume_in, keep_resume=True, score=False)  # the evaluate stage scores it
+                       resume_dir=resume_in, keep_resume=True, score=False, resume_state=state)  # the evaluate stage scores it
         logging_seconds = run.seconds  # params + per-step/validation metrics, during training
         metrics = {**result.metrics, "mlflow_run_id": run.run_id,
                    "resumed_from_step": result.resumed_from_step,

@@ -241,7 +241,7 @@ class TrainResult:
 
 def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | None = None,
           run_state: dict | None = None, cuda_graphs: bool | None = None, resume_dir: str | Path | None = None,
-          keep_resume: bool = False, score: bool = True) -> TrainResult:
+          keep_resume: bool = False, score: bool = True, resume_state: dict | None = None) -> TrainResult:
     """Train ``cfg`` on ``ds``; the best checkpoint goes to ``out_dir``/best.pt.
 
     The resume state (``resume_dir``/resume.pt, default ``out_dir``) is written at every
@@ -256,7 +256,8 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     ``score``: the best checkpoint's loss and accuracy on train/val/test in the metrics (the
     pipeline leaves this to its evaluate stage, so each checkpoint is scored once).
     ``cuda_graphs``: True replays each step from a CUDA graph on CUDA; False never; None takes
-    ``CUDA_GRAPHS_BY_DEFAULT``.
+    ``CUDA_GRAPHS_BY_DEFAULT``. ``resume_state``: the resume file's contents when the caller has
+    already read them (the pipeline does, for the MLflow run id), so the file is read once.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,8 +292,8 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
         save_checkpoint(best_path, {"model": best_weights, "config": config_dict, "classes": list(ds.classes), **best})
 
     resumed_from = None
-    if resume_path.exists():
-        state = load_checkpoint(resume_path)
+    state = resume_state if resume_state is not None else (load_checkpoint(resume_path) if resume_path.exists() else None)
+    if state is not None:
         why_not = resume_mismatch(state, config_dict, fingerprint, code)
         if why_not is None:
             model.load_state_dict(state["model"])
