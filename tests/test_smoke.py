@@ -7,6 +7,7 @@ model's chain re-runs).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -209,32 +210,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_mlflow_server_serves_comparable_runs(project):
-    """`mlflow server` on the smoke store: the REST API behind the UI's run comparison."""
+@contextlib.contextmanager
+def mlflow_service(args: list[str], cwd: Path, env: dict, ready_url: str, timeout: float):
+    """An `mlflow ...` server (its own process group) that answers 200 on ``ready_url``; stopped
+    with its children afterwards."""
     import signal
     import time
     import urllib.request
 
-    repo, env, _ = project
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), *args], cwd=cwd, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                with urllib.request.urlopen(ready_url, timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
-            assert server.poll() is None, "mlflow server exited"
-            assert time.time() < deadline, "mlflow server did not come up in 90 s"
+            assert server.poll() is None, f"mlflow {args[0]} exited"
+            assert time.time() < deadline, f"mlflow {args[0]} did not come up in {timeout:.0f} s"
             time.sleep(0.5)
+        yield
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
+
+def test_mlflow_server_serves_comparable_runs(project):
+    """`mlflow server` on the smoke store: the REST API behind the UI's run comparison."""
+    import urllib.request
+
+    repo, env, _ = project
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with mlflow_service(["server", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}", "--host", "127.0.0.1",
+                         "--port", str(port), "--workers", "1"], repo, env, f"{base}/health", 90):
         def api(path: str, body: dict) -> dict:
             req = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
@@ -254,21 +270,12 @@ def test_mlflow_server_serves_comparable_runs(project):
             metrics = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
             assert {"lr", "batch_size", "optimizer", "model", "epochs", "train.seed"} <= set(params), r["info"]["run_name"]
             assert {"eval_test_acc", "eval_val_acc", "best_val_loss", "train_loss", "val_loss", "val_acc"} <= set(metrics)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def test_registered_model_serves_the_evaluate_stages_predictions(project):
     """The final model is in the Model Registry; `mlflow models serve --env-manager local` (as the
     README says) answers raw uint8 test images with class names and probabilities, and its classes
     equal the evaluate stage's predictions for the same checkpoint."""
-    import signal
-    import time
     import urllib.request
 
     import numpy as np
@@ -279,24 +286,9 @@ def test_registered_model_serves_the_evaluate_stages_predictions(project):
     client = MlflowClient(uri)
     (version,) = [v for v in client.search_model_versions("name = 'cifar10-task3e'") if v.run_id == run_id]
     port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/cifar10-task3e/{version.version}",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=repo, env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, "mlflow models serve exited"
-            assert time.time() < deadline, "the model server did not come up in 180 s"
-            time.sleep(1)
-
+    with mlflow_service(["models", "serve", "-m", f"models:/cifar10-task3e/{version.version}", "--env-manager", "local",
+                         "-h", "127.0.0.1", "-p", str(port)], repo, {**env, "MLFLOW_TRACKING_URI": uri},
+                        f"http://127.0.0.1:{port}/ping", 180):
         def invoke(images: np.ndarray) -> list[dict]:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
                                          data=json.dumps({"inputs": images.tolist()}).encode(),
@@ -313,13 +305,6 @@ def test_registered_model_serves_the_evaluate_stages_predictions(project):
             assert sum(a[c] for c in classes) == pytest.approx(1.0, abs=1e-5) and a["class"] == max(classes, key=a.get)
         bigger = images[:3].repeat(3, axis=1).repeat(3, axis=2)  # 96 x 96: resized to 32 x 32 inside the model
         assert [a["class"] in classes for a in invoke(bigger)] == [True] * 3
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def test_adding_a_seed_trains_only_the_new_seed(project):
