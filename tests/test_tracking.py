@@ -139,3 +139,24 @@ def test_unreachable_server_fails_fast_with_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"MLflow tracking store http://127\.0\.0\.1:9 is not usable .*unset MLFLOW_TRACKING_URI"):
         tracking.connect("x")
     assert time.time() - started < 60
+
+
+def test_two_parents_created_at_once_converge_on_the_first(store, monkeypatch):
+    """Two seeds of a run starting together (`dvc queue start -j 2`) may both find no parent and
+    create one: each then keeps the earliest and the later one is deleted."""
+    client, exp_id = tracking.connect("race")
+    early = client.create_run(exp_id, run_name="task2", tags={tracking.PARENT_MARK: "true", "run": "task2",
+                                                              "config_digest": "d1"})
+    time.sleep(0.01)
+    real_find = tracking._find_parent
+    calls = []
+
+    def miss_once(*args):  # the first lookup misses, as if the other process had not committed yet
+        calls.append(1)
+        return None if len(calls) == 1 else real_find(*args)
+
+    monkeypatch.setattr(tracking, "_find_parent", miss_once)
+    chosen = tracking.parent_run("race", "task2", "d1")
+    assert chosen == early.info.run_id
+    parents = [r for r in client.search_runs([exp_id]) if r.data.tags.get(tracking.PARENT_MARK) == "true"]
+    assert [r.info.run_id for r in parents] == [early.info.run_id]  # ours was deleted

@@ -341,7 +341,11 @@ def parent_run(experiment: str, run_name: str, digest: str, describes: str = "")
                                    f"All seeds of `{run_name}` with config {digest}: each seed is a child run; "
                                    "mean_*, sd_* and n_seeds are their aggregates (written by the report stage)."})
         client.set_terminated(run.info.run_id)
-        return run.info.run_id
+        first = _find_parent(client, exp_id, run_name, digest)  # two seeds starting at once (a queue with -j 2)
+        if first != run.info.run_id:  # may both have created one: keep the earliest, drop ours
+            client.delete_run(run.info.run_id)
+        return first
+
     except Exception as err:  # noqa: BLE001
         raise UserError(f"MLflow store {tracking_uri()} refused the parent run of {run_name} "
                         f"({type(err).__name__}: {_first_line(err)}); re-run the stage when it answers") from err
