@@ -155,7 +155,7 @@ class RunConfig:
     evals_per_epoch: int
     device: str
     experiment: str
-    follows: str
+    takes_param: str  # the top-level param this run reads through {param: ...} (`train` when none)
     data_params: dict = field(default_factory=dict)
     register: str | None = None  # MLflow Model Registry name: each trained seed becomes a new version
     describes: str = ""  # which part of the report the run produces (the MLflow run's description)
@@ -197,11 +197,11 @@ class RunConfig:
 
 
 RUN_KEYS = {"model", "model_params", "optimizer", "lr", "batch_size", "epochs", "early_stop_count",
-            "augment", "input", "follows", "register", "describes"}
+            "augment", "input", "takes_param", "register", "describes"}
 TRAIN_KEYS = {"seeds", "max_epochs", "val_fraction", "split_seed", "evals_per_epoch", "device"}
 
 
-def _resolve_refs(value: Any, params: dict, where: str, follows: str) -> Any:
+def _resolve_refs(value: Any, params: dict, where: str, takes_param: str) -> Any:
     """Replace ``{param: name}`` by the top-level param ``name`` (the run must follow it).
 
     Not DVC's ``${name}``: `dvc exp run -S` would resolve that in params.yaml itself when it
@@ -211,12 +211,12 @@ def _resolve_refs(value: Any, params: dict, where: str, follows: str) -> Any:
         name = value["param"]
         if not isinstance(name, str) or name not in params:
             raise UserError(f"{where}: refers to param {name!r}, which is not a top-level key of params.yaml")
-        if name != follows:
-            raise UserError(f"{where}: refers to param {name!r} but the run follows {follows!r}; "
-                            f"set follows: {name} so DVC re-runs it when {name} changes")
+        if name != takes_param:
+            raise UserError(f"{where}: refers to param {name!r} but the run's takes_param is {takes_param!r}; "
+                            f"set takes_param: {name} so DVC re-runs it when {name} changes")
         return params[name]
     if isinstance(value, dict):
-        return {k: _resolve_refs(v, params, f"{where}.{k}", follows) for k, v in value.items()}
+        return {k: _resolve_refs(v, params, f"{where}.{k}", takes_param) for k, v in value.items()}
     return value
 
 
@@ -253,11 +253,11 @@ def resolve_run(params: dict, name: str, seed: int | None = None) -> RunConfig:
     raw = runs[name]
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a mapping")
-    _check_keys(raw, RUN_KEYS, where, required={"model", "optimizer", "lr", "batch_size", "epochs", "input", "follows"})
-    follows = raw["follows"]
-    if not isinstance(follows, str) or follows not in params:
-        raise UserError(f"{where}.follows: {follows!r} is not a top-level key of params.yaml")
-    raw = _resolve_refs(raw, params, where, follows)
+    _check_keys(raw, RUN_KEYS, where, required={"model", "optimizer", "lr", "batch_size", "epochs", "input", "takes_param"})
+    takes_param = raw["takes_param"]
+    if not isinstance(takes_param, str) or takes_param not in params:
+        raise UserError(f"{where}.takes_param: {takes_param!r} is not a top-level key of params.yaml")
+    raw = _resolve_refs(raw, params, where, takes_param)
 
     train = _section(params, "train")
     _check_keys(train, TRAIN_KEYS, "train", required=TRAIN_KEYS)
@@ -287,7 +287,7 @@ def resolve_run(params: dict, name: str, seed: int | None = None) -> RunConfig:
         model=model,
         model_params=dict(mparams),
         optimizer=_choice(raw["optimizer"], f"{where}.optimizer", OPTIMIZERS),
-        lr=_float(raw["lr"], f"{where}.lr" if not follows == "lr" else "lr", low_open=True),
+        lr=_float(raw["lr"], f"{where}.lr" if takes_param != "lr" else "lr", low_open=True),
         batch_size=_int(raw["batch_size"], f"{where}.batch_size"),
         epochs=min(epochs, max_epochs) if max_epochs else epochs,
         early_stop_count=_int(raw.get("early_stop_count"), f"{where}.early_stop_count", minimum=2, allow_none=True),
@@ -299,7 +299,7 @@ def resolve_run(params: dict, name: str, seed: int | None = None) -> RunConfig:
         evals_per_epoch=_int(train["evals_per_epoch"], "train.evals_per_epoch"),
         device=_choice(train["device"], "train.device", DEVICES),
         experiment=str(mlflow_section["experiment"]),
-        follows=follows,
+        takes_param=takes_param,
         data_params={k: data.get(k) for k in ("source", "subset")},
         register=_registered_name(raw.get("register"), f"{where}.register"),
         describes=_text(raw.get("describes", ""), f"{where}.describes"),
