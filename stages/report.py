@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from cifarcnn import figures
-from cifarcnn.config import config_digest, load_params, resolve_seeds, run_names
+from cifarcnn.config import RunConfig, config_digest, load_params, resolve_seeds, run_dirs, run_names
 from cifarcnn.errors import UserError, cli
 from cifarcnn.fsutil import csv_text, write_text
 from cifarcnn.report import aggregates, load_curves, load_results, mean_curves, results_markdown
@@ -34,13 +34,14 @@ def main() -> None:
     figs: dict[str, str] = {}
     curves = {}
     for run, runs in results.items():
-        first = RESULTS / run / f"seed{runs[0]['seed']}"
+        folders = {r["seed"]: run_dirs(run, r["seed"])[1] for r in runs}
+        first = folders[runs[0]["seed"]]
         for kind in ("curves", "confusion"):
             if (first / f"{kind}.png").exists():
                 shutil.copyfile(first / f"{kind}.png", RUN_FIGURES / f"{run}_{kind}.png")
                 figs[f"{run}_{kind}"] = f"figures/runs/{run}_{kind}.png"
-        per_seed = {r["seed"]: load_curves(RESULTS / run / f"seed{r['seed']}") for r in runs}
-        predictions = [(RESULTS / run / f"seed{r['seed']}" / "predictions.csv").read_text().splitlines() for r in runs]
+        per_seed = {seed: load_curves(folder) for seed, folder in folders.items()}
+        predictions = [(folder / "predictions.csv").read_text().splitlines() for folder in folders.values()]
         write_text(CURVES / f"{run}_predictions.csv",  # DVC's confusion plot: every seed's test predictions
                    "\n".join(predictions[0][:1] + [row for rows in predictions for row in rows[1:]]) + "\n")
         curves[run] = per_seed[runs[0]["seed"]]
@@ -52,8 +53,9 @@ def main() -> None:
             figures.seed_curves(run, {s: c["validations"] for s, c in per_seed.items()}, mean["validations"],
                                 RUN_FIGURES / f"{run}_seeds.png")
             figs[f"{run}_seeds"] = f"figures/runs/{run}_seeds.png"
-        seedless = {k: v for k, v in runs[0]["config"].items() if k != "seed"}
-        log_aggregates(params["mlflow"]["experiment"], run, config_digest(seedless), aggregates(runs))
+        cfg = RunConfig.from_dict(runs[0]["config"])  # the config the seeds were trained under: their parent's digest
+        log_aggregates(params["mlflow"]["experiment"], run, config_digest(cfg.seedless_dict()), cfg.describes,
+                       aggregates(runs))
     if {"task3d_dropout", "task3d_no_dropout"} <= set(results):
         with_d, without = ({**curves[r], "metrics": results[r][0]["eval"]} for r in ("task3d_dropout", "task3d_no_dropout"))
         figures.dropout_comparison(with_d, without, RUN_FIGURES / "task3d_dropout.png")

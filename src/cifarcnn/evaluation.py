@@ -9,7 +9,7 @@ import torch
 from .batches import Preprocess, make_splits
 from .data import Dataset
 from .errors import UserError
-from .training import load_best_model, predict, resolve_device, use_channels_last
+from .training import evaluate, load_best_model, predict, resolve_device, use_channels_last
 
 
 # eval.json, a DVC metrics file, holds these; the rest of the evaluation goes to eval_detail.json.
@@ -58,8 +58,7 @@ def evaluate_checkpoint(best_path: str | Path, ds: Dataset, device_name: str = "
             out["test_actual"], out["test_predicted"] = labels.tolist(), preds.tolist()  # -> predictions.csv
     if cfg.augment is not None:  # like for like with the original, which augmented train and val alike
         for name in ("train", "val"):
-            loss, preds = predict(model, splits[name], prep, cfg.augment, AUGMENTED_EVAL_SEED)
-            out[f"{name}_loss_aug"] = loss
-            out[f"{name}_acc_aug"] = float((splits[name].y == preds).float().mean()) if len(preds) else float("nan")
+            out[f"{name}_loss_aug"], out[f"{name}_acc_aug"] = evaluate(model, splits[name], prep, cfg.augment,
+                                                                        AUGMENTED_EVAL_SEED)
     out["classes"] = list(ds.classes)
     return out

@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .batches import validation_indices
 from .config import RunConfig, config_digest
 from .data import Dataset
 from .fsutil import csv_text, split_metrics, staged_outputs, write_json, write_text
 from .tracking import PARENT_TAG, MlflowRun, parent_run, repo_root, run_tags
-from .batches import validation_indices
 from .training import BEST, RESUME, data_fingerprint, load_checkpoint, resolve_device, train
 
 CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]

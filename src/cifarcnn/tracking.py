@@ -330,6 +330,10 @@ def parent_run(experiment: str, run_name: str, digest: str, describes: str = "")
     """The parent MLflow run of every seed of ``run_name`` with this config (found by its tags,
     created on first use): the UI nests the seeds under it, and it carries their aggregates."""
     client, exp_id = connect(experiment)
+    return _parent_run(client, exp_id, run_name, digest, describes)
+
+
+def _parent_run(client: MlflowClient, exp_id: str, run_name: str, digest: str, describes: str) -> str:
     try:
         found = _find_parent(client, exp_id, run_name, digest)
         if found:
@@ -345,18 +349,21 @@ def parent_run(experiment: str, run_name: str, digest: str, describes: str = "")
         if first != run.info.run_id:  # may both have created one: keep the earliest, drop ours
             client.delete_run(run.info.run_id)
         return first
-
     except Exception as err:  # noqa: BLE001
         raise UserError(f"MLflow store {tracking_uri()} refused the parent run of {run_name} "
                         f"({type(err).__name__}: {_first_line(err)}); re-run the stage when it answers") from err
 
 
-def log_aggregates(experiment: str, run_name: str, digest: str, aggregates: dict[str, float]) -> str:
+def log_aggregates(experiment: str, run_name: str, digest: str, describes: str, aggregates: dict[str, float]) -> str:
     """The seeds' mean, sd and n onto the run's parent (the one its seeds were trained under)."""
-    run_id = parent_run(experiment, run_name, digest)
-    client, _ = connect(experiment)
+    client, exp_id = connect(experiment)
+    run_id = _parent_run(client, exp_id, run_name, digest, describes)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in aggregates.items()])
+    try:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in aggregates.items()])
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"MLflow store {tracking_uri()} refused the aggregates of {run_name} "
+                        f"({type(err).__name__}: {_first_line(err)}); re-run the stage when it answers") from err
     return run_id
 
 

@@ -170,9 +170,11 @@ def predict(model: torch.nn.Module, split: Split, prep: Preprocess,
     return float(loss_sum) / max(len(split), 1), predictions
 
 
-def evaluate(model: torch.nn.Module, split: Split, prep: Preprocess) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy, counted per image (not averaged over batches)."""
-    loss, preds = predict(model, split, prep)
+def evaluate(model: torch.nn.Module, split: Split, prep: Preprocess,
+             augment: AugmentSpec | None = None, seed: int = 0) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy, counted per image (not averaged over batches); ``augment``
+    and ``seed`` as in ``predict``."""
+    loss, preds = predict(model, split, prep, augment, seed)
     return loss, int((preds == split.y).sum()) / max(len(split), 1)
 
 
