@@ -8,7 +8,6 @@ Usage: PYTHONPATH=src python bench/full_runs.py SOURCE OUT_DIR [RUN[:MAX_EPOCHS]
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -35,9 +34,9 @@ def main(source: str, out_dir: str, *runs: str) -> None:
     summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
     for spec in runs or DEFAULT_RUNS:
         name, _, cap = spec.partition(":")
-        cfg = dataclasses.replace(resolve_run(params, name), device=device)
+        cfg = resolve_run(params, name).replace(device=device)
         if cap:
-            cfg = dataclasses.replace(cfg, epochs=min(cfg.epochs, int(cap)))
+            cfg = cfg.replace(epochs=min(cfg.epochs, int(cap)))
         t0 = time.perf_counter()
         result = train(cfg, ds, out / "models" / name)
         m = {**result.metrics, "wall_seconds": round(time.perf_counter() - t0, 1), "epochs_cap": cap or None}

@@ -28,7 +28,6 @@ task4a at 224 px, for checking this script on a CPU.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import sys
@@ -71,9 +70,9 @@ def sync(device: torch.device) -> None:
 
 
 def run_config(params: dict, name: str, device: torch.device, quick: bool, **changes):
-    cfg = dataclasses.replace(resolve_run(params, name), device=device.type, **changes)
+    cfg = resolve_run(params, name).replace(device=device.type, **changes)
     if quick:
-        cfg = dataclasses.replace(cfg, epochs=1, input=dataclasses.replace(cfg.input, size=min(cfg.input.size, 64)))
+        cfg = cfg.replace(epochs=1, input=cfg.input.model_copy(update={"size": min(cfg.input.size, 64)}))
     return cfg
 
 

@@ -71,7 +71,7 @@ def bench_run(name: str, steps: int, rounds: int) -> dict:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def fresh():
-        model = create_model(cfg.model, **{**cfg.model_params, **({"weights": "none"} if "weights" in cfg.model_params else {})})
+        model = create_model(cfg.model, **cfg.model_params)
         model = model.to(device, memory_format=memory_format).train()
         return model, make_optimizer(cfg, model)
 

@@ -10,7 +10,7 @@ import torch
 
 from cifarcnn import figures
 from cifarcnn.assets import PHOTO
-from cifarcnn.config import load_params, resolve_resnet_weights, resolve_viz, run_dirs
+from cifarcnn.config import load_params, pretrained_choice, resolve_resnet_weights, resolve_viz, run_dirs
 from cifarcnn.errors import cli
 from cifarcnn.fsutil import write_json
 from cifarcnn.models import create_model
@@ -25,7 +25,7 @@ def main(seed: str) -> None:
     params = load_params()
     task4a = run_dirs("task4a", int(seed))[0] / "best.pt"
     viz, weights = resolve_viz(params), resolve_resnet_weights(params)
-    models = {"": (create_model("resnet18_transfer", weights=weights), f"ResNet18, {weights} weights")}
+    models = {"": (create_model("resnet18_transfer", pretrained=pretrained_choice(weights)), f"ResNet18, {weights} weights")}
     if task4a.exists():
         models["_task4a"] = (load_best_model(task4a)[0], f"ResNet18 fine-tuned on CIFAR-10 (task4a, seed {seed})")
     summary = {"resnet_weights": weights, "filter_indices": viz.filter_indices,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 
 import yaml
@@ -35,7 +34,7 @@ def tiny_params(**train_overrides) -> dict:
 
 
 def tiny_run(name: str, **changes) -> RunConfig:
-    return dataclasses.replace(resolve_run(tiny_params(), name), **changes)
+    return resolve_run(tiny_params(), name).replace(**changes)
 
 
 def tiny_dataset(n_train: int = 300, n_test: int = 60, seed: int = 0) -> Dataset:

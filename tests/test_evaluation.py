@@ -168,16 +168,15 @@ def test_report_over_three_seeds_gives_spread_verdicts_and_claims(tmp_path):
 
 def test_report_says_when_task4a_is_not_the_reports_set_up(tmp_path):
     _fake_results(tmp_path, ["task4a"])
-    config = {"input": {"size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}, "epochs": 1}
+    config = {"input": {"size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}, "epochs": 1, "pretrained": None}
     (tmp_path / "task4a" / "seed0" / "config.json").write_text(json.dumps(config))
     shrunk = report.load_results(tmp_path, ["task4a"], [0])["task4a"][0]
-    shrunk["train"]["resnet_weights"] = "none"
     caveat = "".join(report._task4a_caveats(shrunk))
     assert "random weights" in caveat and "64×64" in caveat and "1 epoch(s)" in caveat
     assert "| 64 px" in report.runs_table({"task4a": [shrunk]}) and "1 of 1" in report.runs_table({"task4a": [shrunk]})
 
-    as_reported = {**shrunk, "train": {**shrunk["train"], "resnet_weights": "imagenet"},
-                   "config": {**config, "input": {**config["input"], "size": 224}, "epochs": 5}}
+    as_reported = {**shrunk, "config": {**config, "input": {**config["input"], "size": 224}, "epochs": 5,
+                                        "pretrained": "imagenet"}}
     assert report._task4a_caveats(as_reported) == []
 
 

@@ -10,8 +10,6 @@ from cifarcnn import models
 from cifarcnn.errors import UserError
 from cifarcnn.models import count_parameters, create_model, list_models
 
-# The smallest test config of each model (the ResNet without downloading weights).
-TEST_PARAMS = {"resnet18_transfer": {"weights": "none"}}
 INPUT_SIZE = {"resnet18_transfer": 224}
 
 
@@ -22,7 +20,7 @@ def test_registry_holds_the_report_models():
 @pytest.mark.parametrize("name", list_models())
 def test_forward_backward(name):
     torch.manual_seed(0)
-    model = create_model(name, **TEST_PARAMS.get(name, {}))
+    model = create_model(name)  # random init: pretrained weights are the factory's option
     size = INPUT_SIZE.get(name, 32)
     logits = model(torch.randn(2, 3, size, size))
     assert logits.shape == (2, 10)
@@ -46,7 +44,7 @@ def test_parameter_counts(name, params, total):
 
 
 def test_resnet_transfer_freezes_all_but_layer4_and_fc():
-    model = create_model("resnet18_transfer", weights="none")
+    model = create_model("resnet18_transfer")
     counts = count_parameters(model)
     assert counts["total"] == 11_181_642  # torchvision resnet18 with a 10-way fc
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
@@ -83,7 +81,7 @@ def test_resnet_weights_from_local_file_load_and_verify(tmp_path):
     torch.manual_seed(1)
     reference = resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
-    model = create_model("resnet18_transfer", weights=str(tmp_path / "r18.pth"))
+    model = create_model("resnet18_transfer", pretrained=str(tmp_path / "r18.pth"))
     assert torch.equal(model.conv1.weight, reference.conv1.weight)
     assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
 
@@ -93,7 +91,7 @@ def test_imagenet_weights_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError, match=r"weights not found: .*fetch https://download\.pytorch\.org/models/"
                                         r"resnet18-f37072fd\.pth into data/pretrained/resnet18-f37072fd\.pth"):
-        create_model("resnet18_transfer", weights="imagenet")
+        create_model("resnet18_transfer", pretrained="imagenet")
 
 
 def test_imagenet_weights_with_wrong_sha256_are_refused(tmp_path, monkeypatch):
@@ -101,7 +99,7 @@ def test_imagenet_weights_with_wrong_sha256_are_refused(tmp_path, monkeypatch):
     (tmp_path / "data" / "pretrained").mkdir(parents=True)
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "data" / "pretrained" / "resnet18-f37072fd.pth")
     with pytest.raises(UserError, match="is not torchvision's f37072fd"):
-        create_model("resnet18_transfer", weights="imagenet")
+        create_model("resnet18_transfer", pretrained="imagenet")
 
 
 def test_weights_file_that_runs_code_is_refused(tmp_path):
@@ -111,7 +109,7 @@ def test_weights_file_that_runs_code_is_refused(tmp_path):
 
     torch.save({"conv1.weight": Evil()}, tmp_path / "evil.pth")  # pickles a global call
     with pytest.raises(UserError, match="not a loadable weights file"):
-        create_model("resnet18_transfer", weights=str(tmp_path / "evil.pth"))
+        create_model("resnet18_transfer", pretrained=str(tmp_path / "evil.pth"))
 
 
 def test_imagenet_sha256_constant_is_torchvisions():
@@ -119,3 +117,10 @@ def test_imagenet_sha256_constant_is_torchvisions():
     assert models.RESNET18_IMAGENET_SHA256.startswith(models.RESNET18_IMAGENET_URL.split("-")[-1][:8])
     assert len(models.RESNET18_IMAGENET_SHA256) == 64
     assert hashlib.sha256(b"").hexdigest() != models.RESNET18_IMAGENET_SHA256
+
+
+def test_pretrained_weights_are_the_factorys_option():
+    assert models.has_pretrained("resnet18_transfer") and not models.has_pretrained("task2")
+    assert "weights" not in models.model_params("resnet18_transfer")  # not a model parameter
+    with pytest.raises(UserError, match="model 'task2' has no pretrained weights to load"):
+        create_model("task2", pretrained="imagenet")

@@ -1,7 +1,6 @@
 """MLflow: what one training run leaves in the store, and failing fast on a dead server."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -51,7 +50,7 @@ def test_training_run_contents(store):
     input_tags = {t.key: t.value for t in data_input.tags}
     assert input_tags["mlflow.data.context"] == "training"
     assert (input_tags["train_images"], input_tags["val_images"], input_tags["test_images"]) == ("270", "30", "60")
-    seed1 = train_and_track(dataclasses.replace(cfg, seed=1), tiny_dataset(300, 60), store / "models" / "s1",
+    seed1 = train_and_track(cfg.replace(seed=1), tiny_dataset(300, 60), store / "models" / "s1",
                             store / "results" / "s1")
     assert client.get_run(seed1["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert tags["dvc_stage"] == "train@task2" and tags["dvc_exp_name"] == "test-exp"

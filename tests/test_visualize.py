@@ -16,7 +16,7 @@ from cifarcnn.visualize import first_layer, load_photo, minmax, visualize
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return create_model("resnet18_transfer", weights="none").eval()
+    return create_model("resnet18_transfer").eval()
 
 
 @pytest.fixture

@@ -1,27 +1,43 @@
-"""params.yaml -> validated, typed run configs. Resolved once, before any work.
+"""params.yaml -> validated, typed configs (pydantic models). Resolved once, before any work.
 
-Every error names the offending key (``runs.task2.lr``), so a typo in params.yaml ends in one
-clear line instead of a stack trace halfway through training.
+Every error is one line that names the key path (``runs.task2.lr: must be > 0, got -0.1``), so
+a typo in params.yaml stops the stage before it starts instead of halfway through training.
+Numbers are strict: ``true`` is not an integer, ``"0.1"`` is not a number.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import re
-from dataclasses import dataclass, field
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import UserError
-from .models import get_model_fn, model_params
+from .models import get_model_fn, has_pretrained, model_params
 
 PARAMS_FILE = "params.yaml"
-OPTIMIZERS = ("sgd", "adam")
-DEVICES = ("auto", "cpu", "cuda")
+
+# Strict scalars: YAML's `true` is no integer and `"0.1"` no number (an int is a fine float).
+Int = Annotated[int, Strict()]
+PositiveInt = Annotated[int, Strict(), Field(ge=1)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+Number = Annotated[float, Strict()]
+PositiveNumber = Annotated[float, Strict(), Field(gt=0)]
+NonNegativeNumber = Annotated[float, Strict(), Field(ge=0)]
+Text = Annotated[str, Strict()]
+NonEmptyText = Annotated[str, Strict(), Field(min_length=1)]
+
+
+class Section(BaseModel):
+    """A mapping of params.yaml: unknown keys are errors, values immutable, no NaN/inf."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
@@ -37,112 +53,116 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict:
     return params
 
 
-# --- small typed readers that name the key on failure ---------------------------------
+# --- the sections of params.yaml ------------------------------------------------------
 
-def _section(params: dict, key: str) -> dict:
-    value = params.get(key)
-    if not isinstance(value, dict):
-        raise UserError(f"{key}: missing or not a mapping in params.yaml")
-    return value
+class InputSpec(Section):
+    """How uint8 images become model input: resize (square, pixels) then normalise per channel."""
 
-
-def _check_keys(mapping: dict, allowed: set[str], where: str, required: set[str] = frozenset()) -> None:
-    for key in mapping:
-        if key not in allowed:
-            raise UserError(f"{where}.{key}: unknown key (known: {', '.join(sorted(allowed))})")
-    for key in sorted(required - set(mapping)):
-        raise UserError(f"{where}.{key}: missing")
+    size: Annotated[int, Strict(), Field(ge=8)]
+    mean: tuple[Number, Number, Number]  # RGB, of pixels / 255
+    std: tuple[PositiveNumber, PositiveNumber, PositiveNumber]
 
 
-def _int(value: Any, key: str, minimum: int | None = 1, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{key}: expected an integer{' or null' if allow_none else ''}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise UserError(f"{key}: must be >= {minimum}, got {value}")
-    return value
-
-
-def _float(value: Any, key: str, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{key}: expected a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
-        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high != math.inf else "")
-        raise UserError(f"{key}: must be {bound}, got {value:g}")
-    return value
-
-
-def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise UserError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _triple(value: Any, key: str, positive: bool = False) -> tuple[float, float, float]:
-    if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise UserError(f"{key}: expected a list of 3 numbers (one per RGB channel), got {value!r}")
-    return tuple(_float(v, f"{key}[{i}]", low_open=positive) if positive else
-                 _float(v, f"{key}[{i}]", low=-math.inf) for i, v in enumerate(value))
-
-
-# --- typed configs ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How uint8 images become model input: resize (square, pixels) then normalise."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def parse(cls, raw: Any, where: str) -> "InputSpec":
-        if not isinstance(raw, dict):
-            raise UserError(f"{where}: expected a mapping with size, mean, std")
-        _check_keys(raw, {"size", "mean", "std"}, where, required={"size", "mean", "std"})
-        return cls(_int(raw["size"], f"{where}.size", minimum=8),
-                   _triple(raw["mean"], f"{where}.mean"), _triple(raw["std"], f"{where}.std", positive=True))
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
+class AugmentSpec(Section):
     """Per-image training augmentation (torchvision semantics): flip, rotate, colour jitter."""
 
-    hflip_p: float  # probability of a horizontal flip
-    rotate_deg: float  # angle uniform in [-rotate_deg, rotate_deg], degrees
-    brightness: float  # factor uniform in [max(0, 1 - b), 1 + b]
-    contrast: float
-    saturation: float
-    hue: float  # shift uniform in [-hue, hue] of a full turn; hue <= 0.5
+    hflip_p: Annotated[float, Strict(), Field(ge=0, le=1)]  # probability of a horizontal flip
+    rotate_deg: Annotated[float, Strict(), Field(ge=0, le=180)]  # angle uniform in [-rotate_deg, rotate_deg]
+    brightness: NonNegativeNumber  # factor uniform in [max(0, 1 - b), 1 + b]
+    contrast: NonNegativeNumber
+    saturation: NonNegativeNumber
+    hue: Annotated[float, Strict(), Field(ge=0, le=0.5)]  # shift uniform in [-hue, hue] of a full turn
 
+
+class RunSpec(Section):
+    """One entry of ``runs:`` as written, after ``{param: name}`` is replaced by that param."""
+
+    model: Text
+    model_params: dict[str, Any] = {}
+    pretrained: Text | None = None  # imagenet | none | a .pth path, for models that have pretrained weights
+    optimizer: Literal["sgd", "adam"]
+    lr: PositiveNumber
+    batch_size: PositiveInt
+    epochs: PositiveInt
+    early_stop_count: Annotated[int, Strict(), Field(ge=2)] | None = None  # null: no early stopping
+    augment: AugmentSpec | None = None
+    input: InputSpec
+    takes_param: Text
+    # `register:` in params.yaml (an attribute of BaseModel, so the field is named otherwise)
+    registered_model: Annotated[str, Strict(), Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")] | None = \
+        Field(None, alias="register")
+    describes: Text = ""
+
+    @field_validator("model")
     @classmethod
-    def parse(cls, raw: Any, where: str) -> "AugmentSpec | None":
-        if raw is None:
-            return None
-        if not isinstance(raw, dict):
-            raise UserError(f"{where}: expected null or a mapping")
-        names = [f.name for f in dataclasses.fields(cls)]
-        _check_keys(raw, set(names), where, required=set(names))
-        return cls(
-            hflip_p=_float(raw["hflip_p"], f"{where}.hflip_p", high=1.0),
-            rotate_deg=_float(raw["rotate_deg"], f"{where}.rotate_deg", high=180.0),
-            brightness=_float(raw["brightness"], f"{where}.brightness"),
-            contrast=_float(raw["contrast"], f"{where}.contrast"),
-            saturation=_float(raw["saturation"], f"{where}.saturation"),
-            hue=_float(raw["hue"], f"{where}.hue", high=0.5),
-        )
+    def _registered(cls, name: str) -> str:
+        try:
+            get_model_fn(name)
+        except UserError as err:
+            raise PydanticCustomError("unknown_model", str(err)) from None
+        return name
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything one training run reads, resolved from params.yaml."""
+class TrainSection(Section):
+    seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
+    max_epochs: PositiveInt | None
+    val_fraction: Annotated[float, Strict(), Field(gt=0, le=0.5)]
+    split_seed: NonNegativeInt
+    evals_per_epoch: PositiveInt
+    device: Literal["auto", "cpu", "cuda"]
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise PydanticCustomError("repeated", "each seed once, got {seeds}", {"seeds": seeds})
+        return seeds
+
+
+class MlflowSection(Section):
+    experiment: NonEmptyText
+
+
+def _checksum(length: int):
+    """A checksum of ``length`` hex digits, or None. One made only of digits (or digits and an
+    ``e``) is read by YAML as a number, which loses leading zeros: ask for quotes instead."""
+    def check(value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise PydanticCustomError(
+                "checksum_number", "YAML read the checksum as the number {value}; put it in quotes (\"...\") "
+                                   "so every digit is kept", {"value": repr(value)})
+        if value is not None and not (isinstance(value, str) and re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", value)):
+            raise PydanticCustomError("checksum", "expected {length} hex digits or null, got {value}",
+                                      {"length": length, "value": repr(value)})
+        return value
+    return check
+
+
+class DataConfig(Section):
+    source: NonEmptyText  # URL or local path
+    md5: str | None
+    subset: PositiveInt | None
+
+    _md5 = field_validator("md5", mode="before")(_checksum(32))
+
+
+class VizConfig(Section):
+    image: NonEmptyText
+    image_sha256: str | None
+    filter_indices: Annotated[list[NonNegativeInt], Field(min_length=1)]
+    activation_indices: Annotated[list[NonNegativeInt], Field(min_length=1)]
+
+    _sha = field_validator("image_sha256", mode="before")(_checksum(64))
+
+
+class RunConfig(Section):
+    """Everything one training run reads, resolved from params.yaml (and saved in its checkpoint)."""
 
     name: str
     model: str
-    model_params: dict
-    optimizer: str
+    model_params: dict[str, Any]
+    pretrained: str | None = None  # imagenet or a path: the factory loads it (None: random init)
+    optimizer: Literal["sgd", "adam"]
     lr: float
     batch_size: int
     epochs: int  # after train.max_epochs is applied
@@ -156,18 +176,18 @@ class RunConfig:
     device: str
     experiment: str
     takes_param: str  # the top-level param this run reads through {param: ...} (`train` when none)
-    data_params: dict = field(default_factory=dict)
-    register: str | None = None  # MLflow Model Registry name: each trained seed becomes a new version
+    data_params: dict = {}
+    registered_model: str | None = None  # MLflow Model Registry name: each trained seed becomes a new version
     describes: str = ""  # which part of the report the run produces (the MLflow run's description)
 
     def flat_params(self) -> dict[str, Any]:
         """Loggable params, dotted like params.yaml (run keys relative to the run's block)."""
         flat: dict[str, Any] = {"run": self.name, "model": self.model, "optimizer": self.optimizer,
                                 "lr": self.lr, "batch_size": self.batch_size, "epochs": self.epochs,
-                                "early_stop_count": self.early_stop_count}
+                                "early_stop_count": self.early_stop_count, "pretrained": self.pretrained}
         flat.update({f"model_params.{k}": v for k, v in self.model_params.items()})
-        flat.update({f"input.{k}": v for k, v in dataclasses.asdict(self.input).items()})
-        flat.update({f"augment.{k}": v for k, v in dataclasses.asdict(self.augment).items()}
+        flat.update({f"input.{k}": v for k, v in self.input.model_dump().items()})
+        flat.update({f"augment.{k}": v for k, v in self.augment.model_dump().items()}
                     if self.augment else {"augment": None})
         flat.update({"train.seed": self.seed, "train.val_fraction": self.val_fraction,
                      "train.split_seed": self.split_seed, "train.evals_per_epoch": self.evals_per_epoch,
@@ -177,9 +197,7 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """Plain types only, for the checkpoint (``torch.load(weights_only=True)`` reads it)."""
-        out = dataclasses.asdict(self)
-        out["input"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["input"].items()}
-        return out
+        return self.model_dump(mode="json")
 
     def seedless_dict(self) -> dict:
         """What every seed of this run shares: configs/<run>.json, on which each seed's train
@@ -188,21 +206,108 @@ class RunConfig:
         del out["seed"]
         return out
 
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with ``changes``, validated again (quick runs in tests and benchmarks)."""
+        return RunConfig.model_validate({**self.model_dump(), **changes})
+
     @classmethod
     def from_dict(cls, raw: dict, seed: int | None = None) -> "RunConfig":
-        raw = dict(raw) if seed is None else {**raw, "seed": seed}
-        raw["input"] = InputSpec(raw["input"]["size"], tuple(raw["input"]["mean"]), tuple(raw["input"]["std"]))
-        raw["augment"] = AugmentSpec(**raw["augment"]) if raw["augment"] else None
-        return cls(**raw)
+        return cls.model_validate(raw if seed is None else {**raw, "seed": seed})
 
 
-RUN_KEYS = {"model", "model_params", "optimizer", "lr", "batch_size", "epochs", "early_stop_count",
-            "augment", "input", "takes_param", "register", "describes"}
-TRAIN_KEYS = {"seeds", "max_epochs", "val_fraction", "split_seed", "evals_per_epoch", "device"}
+# --- errors: pydantic's list -> one line naming the key -------------------------------
+
+_WORDS = {
+    "missing": "missing",
+    "int_type": "expected an integer", "int_parsing": "expected an integer", "int_from_float": "expected an integer",
+    "float_type": "expected a number", "float_parsing": "expected a number", "finite_number": "expected a finite number",
+    "string_type": "expected text", "string_too_short": "expected non-empty text", "bool_type": "expected true or false",
+    "dict_type": "expected a mapping", "model_type": "expected a mapping", "model_attributes_type": "expected a mapping",
+    "list_type": "expected a list", "tuple_type": "expected a list",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def _resolve_refs(value: Any, params: dict, where: str, takes_param: str) -> Any:
-    """Replace ``{param: name}`` by the top-level param ``name`` (the run must follow it).
+def _key_path(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _annotation(model: type, loc: tuple) -> tuple[Any, bool]:
+    """The type declared at ``loc`` under ``model`` (None if not a field), and whether null is allowed."""
+    nullable = False
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None, False
+        model, nullable = model.model_fields[part].annotation, False
+        while typing.get_origin(model) in (typing.Union, types.UnionType):  # X | None -> X
+            nullable = type(None) in typing.get_args(model)
+            model = next(a for a in typing.get_args(model) if a is not type(None))
+    return model, nullable
+
+
+def _known_keys(model: type, loc: tuple) -> list[str]:
+    """The keys the mapping at ``loc`` (under ``model``) accepts: named in an unknown-key error."""
+    mapping = _annotation(model, loc)[0]
+    return sorted(mapping.model_fields) if isinstance(mapping, type) and issubclass(mapping, BaseModel) else []
+
+
+def _message(err: dict, model: type) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        known = _known_keys(model, err["loc"][:-1])
+        return "unknown key" + (f" (known: {', '.join(known)})" if known else "")
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"must be {_BOUNDS[kind]} {bound:g}, got {value:g}" if isinstance(value, (int, float)) else \
+            f"must be {_BOUNDS[kind]} {bound:g}"
+    if kind == "literal_error":
+        choices = re.findall(r"'(.*?)'", ctx.get("expected", ""))  # pydantic's "'sgd' or 'adam'"
+        return f"expected one of {', '.join(choices)}, got {value!r}"
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        return f"expected a non-empty list, got {value!r}"
+    if kind == "string_pattern_mismatch":
+        return f"expected letters, digits, '.', '_' and '-' (starting with a letter or digit), got {value!r}"
+    if kind in _WORDS:
+        or_null = " or null" if kind != "missing" and _annotation(model, tuple(err["loc"]))[1] else ""
+        return _WORDS[kind] + or_null + ("" if kind == "missing" else f", got {value!r}")
+    return err["msg"]  # our own PydanticCustomError texts, and anything rarer
+
+
+def validate(model: type, raw: Any, where: tuple = (), renamed: dict[tuple, str] | None = None):
+    """``model.model_validate(raw)``, or a UserError naming the first bad key's full path.
+
+    ``renamed``: a run's values that came from a top-level param (``{param: lr}``): their
+    errors name that param, where the user set it.
+    """
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = tuple(first["loc"])
+        for prefix, param in (renamed or {}).items():
+            if loc[:len(prefix)] == prefix:
+                loc, where = (param, *loc[len(prefix):]), ()
+                break
+        path = _key_path((*where, *loc))
+        raise UserError(f"{path}: {_message(first, model)}" if path else _message(first, model)) from None
+
+
+def _section(params: dict, key: str) -> dict:
+    value = params.get(key)
+    if not isinstance(value, dict):
+        raise UserError(f"{key}: missing or not a mapping in params.yaml")
+    return value
+
+
+# --- resolving ----------------------------------------------------------------------
+
+def _resolve_refs(value: Any, params: dict, where: str, takes_param: Any, loc: tuple = (),
+                  used: dict[tuple, str] | None = None) -> Any:
+    """Replace ``{param: name}`` by the top-level param ``name`` (the run must take it), and
+    note in ``used`` where each came from.
 
     Not DVC's ``${name}``: `dvc exp run -S` would resolve that in params.yaml itself when it
     rewrites the file, freezing the value.
@@ -214,9 +319,11 @@ def _resolve_refs(value: Any, params: dict, where: str, takes_param: str) -> Any
         if name != takes_param:
             raise UserError(f"{where}: refers to param {name!r} but the run's takes_param is {takes_param!r}; "
                             f"set takes_param: {name} so DVC re-runs it when {name} changes")
+        if used is not None:
+            used[loc] = name
         return params[name]
     if isinstance(value, dict):
-        return {k: _resolve_refs(v, params, f"{where}.{k}", takes_param) for k, v in value.items()}
+        return {k: _resolve_refs(v, params, f"{where}.{k}", takes_param, (*loc, k), used) for k, v in value.items()}
     return value
 
 
@@ -236,11 +343,12 @@ def config_digest(seedless: dict) -> str:
 
 def resolve_seeds(params: dict) -> list[int]:
     """``train.seeds``: every run is trained once per seed (a DVC stage each)."""
-    seeds = _section(params, "train").get("seeds")
-    if not isinstance(seeds, list) or not seeds or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise UserError(f"train.seeds: expected a non-empty list of distinct integers >= 0 (e.g. [0, 1, 2]), got {seeds!r}")
-    return seeds
+    return validate(TrainSection, _section(params, "train"), ("train",)).seeds
+
+
+def pretrained_choice(value: str | None) -> str | None:
+    """``imagenet`` or a path -> itself; ``none`` (random initialisation) -> None."""
+    return None if value in (None, "none") else value
 
 
 def resolve_run(params: dict, name: str, seed: int | None = None) -> RunConfig:
@@ -249,134 +357,63 @@ def resolve_run(params: dict, name: str, seed: int | None = None) -> RunConfig:
     runs = _section(params, "runs")
     if name not in runs:
         raise UserError(f"runs.{name}: no such run (runs: {', '.join(runs)})")
-    where = f"runs.{name}"
+    where = ("runs", name)
     raw = runs[name]
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected a mapping")
-    _check_keys(raw, RUN_KEYS, where, required={"model", "optimizer", "lr", "batch_size", "epochs", "input", "takes_param"})
-    takes_param = raw["takes_param"]
-    if not isinstance(takes_param, str) or takes_param not in params:
-        raise UserError(f"{where}.takes_param: {takes_param!r} is not a top-level key of params.yaml")
-    raw = _resolve_refs(raw, params, where, takes_param)
-
-    train = _section(params, "train")
-    _check_keys(train, TRAIN_KEYS, "train", required=TRAIN_KEYS)
-    model = raw["model"]
-    if not isinstance(model, str):
-        raise UserError(f"{where}.model: expected a model name, got {model!r}")
-    try:
-        get_model_fn(model)
-    except UserError as err:
-        raise UserError(f"{where}.model: {err}") from None
-    mparams = raw.get("model_params") or {}
-    if not isinstance(mparams, dict):
-        raise UserError(f"{where}.model_params: expected a mapping")
-    known = model_params(model)
-    for key in mparams:
+        raise UserError(f"runs.{name}: expected a mapping")
+    takes_param = raw.get("takes_param")
+    if takes_param is not None and (not isinstance(takes_param, str) or takes_param not in params):
+        raise UserError(f"runs.{name}.takes_param: {takes_param!r} is not a top-level key of params.yaml")
+    from_params: dict[tuple, str] = {}
+    raw = _resolve_refs(raw, params, f"runs.{name}", takes_param, used=from_params)
+    spec: RunSpec = validate(RunSpec, raw, where, from_params)
+    known = model_params(spec.model)
+    for key in spec.model_params:
         if key not in known:
-            raise UserError(f"{where}.model_params.{key}: model {model!r} has no such parameter "
+            raise UserError(f"runs.{name}.model_params.{key}: model {spec.model!r} has no such parameter "
                             f"(it takes: {', '.join(known) or 'none'})")
+    pretrained = pretrained_choice(spec.pretrained)
+    if pretrained and not has_pretrained(spec.model):
+        raise UserError(f"{from_params.get(('pretrained',), f'runs.{name}.pretrained')}: model {spec.model!r} "
+                        "has no pretrained weights to load; remove the key")
 
-    epochs = _int(raw["epochs"], f"{where}.epochs")
-    max_epochs = _int(train["max_epochs"], "train.max_epochs", allow_none=True)
-    mlflow_section = _section(params, "mlflow")
-    _check_keys(mlflow_section, {"experiment"}, "mlflow", required={"experiment"})
+    train = validate(TrainSection, _section(params, "train"), ("train",))
+    mlflow = validate(MlflowSection, _section(params, "mlflow"), ("mlflow",))
     data = _section(params, "data")
+    if seed is not None:
+        validate(_Seed, {"seed": seed})
     return RunConfig(
-        name=name,
-        model=model,
-        model_params=dict(mparams),
-        optimizer=_choice(raw["optimizer"], f"{where}.optimizer", OPTIMIZERS),
-        lr=_float(raw["lr"], f"{where}.lr" if takes_param != "lr" else "lr", low_open=True),
-        batch_size=_int(raw["batch_size"], f"{where}.batch_size"),
-        epochs=min(epochs, max_epochs) if max_epochs else epochs,
-        early_stop_count=_int(raw.get("early_stop_count"), f"{where}.early_stop_count", minimum=2, allow_none=True),
-        augment=AugmentSpec.parse(raw.get("augment"), f"{where}.augment"),
-        input=InputSpec.parse(raw["input"], f"{where}.input"),
-        seed=resolve_seeds(params)[0] if seed is None else _int(seed, "seed", minimum=0),
-        val_fraction=_float(train["val_fraction"], "train.val_fraction", high=0.5, low_open=True),
-        split_seed=_int(train["split_seed"], "train.split_seed", minimum=0),
-        evals_per_epoch=_int(train["evals_per_epoch"], "train.evals_per_epoch"),
-        device=_choice(train["device"], "train.device", DEVICES),
-        experiment=str(mlflow_section["experiment"]),
-        takes_param=takes_param,
+        name=name, model=spec.model, model_params=dict(spec.model_params), pretrained=pretrained,
+        optimizer=spec.optimizer, lr=spec.lr, batch_size=spec.batch_size,
+        epochs=min(spec.epochs, train.max_epochs) if train.max_epochs else spec.epochs,
+        early_stop_count=spec.early_stop_count, augment=spec.augment, input=spec.input,
+        seed=train.seeds[0] if seed is None else seed,
+        val_fraction=train.val_fraction, split_seed=train.split_seed, evals_per_epoch=train.evals_per_epoch,
+        device=train.device, experiment=mlflow.experiment, takes_param=spec.takes_param,
         data_params={k: data.get(k) for k in ("source", "subset")},
-        register=_registered_name(raw.get("register"), f"{where}.register"),
-        describes=_text(raw.get("describes", ""), f"{where}.describes"),
+        registered_model=spec.registered_model, describes=spec.describes,
     )
 
 
-def _text(value: Any, key: str) -> str:
-    if not isinstance(value, str):
-        raise UserError(f"{key}: expected text, got {value!r}")
-    return value
-
-
-def _registered_name(value: Any, key: str) -> str | None:
-    if value is not None and not (isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value)):
-        raise UserError(f"{key}: expected null or a model name of letters, digits, '.', '_' and '-', got {value!r}")
-    return value
+class _Seed(Section):
+    seed: NonNegativeInt
 
 
 def resolve_all(params: dict) -> dict[str, RunConfig]:
     return {name: resolve_run(params, name) for name in run_names(params)}
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    source: str
-    md5: str | None
-    subset: int | None
-
-
 def resolve_data(params: dict) -> DataConfig:
-    data = _section(params, "data")
-    _check_keys(data, {"source", "md5", "subset"}, "data", required={"source", "md5", "subset"})
-    source, md5 = data["source"], data["md5"]
-    if not isinstance(source, str) or not source:
-        raise UserError(f"data.source: expected a URL or a local path, got {source!r}")
-    md5 = _hex_digest(md5, "data.md5", 32)
-    return DataConfig(source, md5, _int(data["subset"], "data.subset", allow_none=True))
-
-
-def _hex_digest(value: Any, key: str, length: int) -> str | None:
-    """A checksum of ``length`` hex digits, or None. One made only of digits (or digits and an
-    ``e``) is read by YAML as a number, which loses leading zeros: ask for quotes instead."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        raise UserError(f"{key}: YAML read the checksum as the number {value!r}; put it in quotes "
-                        f"({key.split('.')[-1]}: \"...\") so every digit is kept")
-    if value is not None and not (isinstance(value, str) and re.fullmatch(rf"[0-9a-fA-F]{{{length}}}", value)):
-        raise UserError(f"{key}: expected {length} hex digits or null, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class VizConfig:
-    image: str
-    image_sha256: str | None
-    filter_indices: list[int]
-    activation_indices: list[int]
+    return validate(DataConfig, _section(params, "data"), ("data",))
 
 
 def resolve_viz(params: dict) -> VizConfig:
-    viz = _section(params, "viz")
-    keys = {"image", "image_sha256", "filter_indices", "activation_indices"}
-    _check_keys(viz, keys, "viz", required=keys)
-    image, sha = viz["image"], viz["image_sha256"]
-    if not isinstance(image, str) or not image:
-        raise UserError(f"viz.image: expected a URL or a local path, got {image!r}")
-    sha = _hex_digest(sha, "viz.image_sha256", 64)
-    lists = {}
-    for key in ("filter_indices", "activation_indices"):
-        value = viz[key]
-        if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                                for i in value):
-            raise UserError(f"viz.{key}: expected a non-empty list of indices >= 0, got {value!r}")
-        lists[key] = value
-    return VizConfig(image, sha, **lists)
+    return validate(VizConfig, _section(params, "viz"), ("viz",))
 
 
 def resolve_resnet_weights(params: dict) -> str:
+    """``resnet_weights``: imagenet, none or a path to a .pth file (``pretrained_choice`` maps
+    it to what ``create_model(..., pretrained=)`` takes)."""
     value = params.get("resnet_weights")
     if not isinstance(value, str) or not value:
         raise UserError(f"resnet_weights: expected imagenet, none or a path to a .pth file, got {value!r}")

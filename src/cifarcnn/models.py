@@ -17,6 +17,8 @@ from .fetch import file_digest
 
 NUM_CLASSES = 10
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# name -> how to put pretrained weights (imagenet, or a path) into a freshly built model
+_PRETRAINED: dict[str, Callable[[nn.Module, str], None]] = {}
 
 # torchvision's ResNet18_Weights.IMAGENET1K_V1 file; the download stage fetches it here.
 RESNET18_IMAGENET_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
@@ -24,11 +26,18 @@ RESNET18_IMAGENET_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1
 RESNET18_IMAGENET_FILE = Path("data/pretrained/resnet18-f37072fd.pth")  # relative to the repo root
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    if fn.__name__ in _REGISTRY:
-        raise ValueError(f"model {fn.__name__!r} registered twice")
-    _REGISTRY[fn.__name__] = fn
-    return fn
+def register_model(fn: Callable[..., nn.Module] | None = None, *,
+                   pretrained: Callable[[nn.Module, str], None] | None = None):
+    """``@register_model``, or ``@register_model(pretrained=loader)`` for a model whose
+    pretrained weights ``create_model(name, pretrained=...)`` loads with ``loader(model, choice)``."""
+    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if fn.__name__ in _REGISTRY:
+            raise ValueError(f"model {fn.__name__!r} registered twice")
+        _REGISTRY[fn.__name__] = fn
+        if pretrained is not None:
+            _PRETRAINED[fn.__name__] = pretrained
+        return fn
+    return add(fn) if fn is not None else add
 
 
 def list_models() -> list[str]:
@@ -40,19 +49,32 @@ def model_params(name: str) -> dict[str, object]:
     return {k: p.default for k, p in inspect.signature(get_model_fn(name)).parameters.items()}
 
 
+def has_pretrained(name: str) -> bool:
+    get_model_fn(name)
+    return name in _PRETRAINED
+
+
 def get_model_fn(name: str) -> Callable[..., nn.Module]:
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return _REGISTRY[name]
 
 
-def create_model(name: str, **params) -> nn.Module:
+def create_model(name: str, pretrained: str | None = None, **params) -> nn.Module:
+    """Build ``name`` with ``params``; ``pretrained`` (imagenet, or a path to a state dict)
+    loads weights into it, None leaves the random initialisation (and a checkpoint's restore
+    builds the model this way, then loads its own weights)."""
     fn = get_model_fn(name)
     known = model_params(name)
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise UserError(f"model {name!r} has no parameter {unknown[0]!r}; it takes: {', '.join(known) or 'none'}")
-    return fn(**params)
+    if pretrained is not None and name not in _PRETRAINED:
+        raise UserError(f"model {name!r} has no pretrained weights to load")
+    model = fn(**params)
+    if pretrained is not None:
+        _PRETRAINED[name](model, pretrained)
+    return model
 
 
 # --- building blocks (every conv 5x5, padding 2, stride 1; every pool 2x2, stride 2) ----
@@ -120,23 +142,26 @@ def task3e(second_dropout: float = 0.2) -> nn.Module:
                          *classifier([128 * 4 * 4, 128, 64, 64, NUM_CLASSES], {0: 0.4, 2: second_dropout}))
 
 
-@register_model
-def resnet18_transfer(weights: str = "none") -> nn.Module:
+def load_resnet18_weights(model: nn.Module, weights: str) -> None:
+    """``weights`` (imagenet, or a path to a ResNet18 state dict) into ``model``, all but ``fc``."""
+    missing, unexpected = model.load_state_dict(load_resnet18_state_dict(weights), strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UserError(f"resnet_weights {weights}: not a ResNet18 state dict "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+@register_model(pretrained=load_resnet18_weights)
+def resnet18_transfer() -> nn.Module:
     """torchvision ResNet18, ``fc`` -> Linear(512, 10), all frozen but ``layer4`` and ``fc``.
 
-    ``weights``: ``imagenet`` (torchvision's IMAGENET1K_V1 file, SHA-256 checked), ``none``
-    (random init, for tests and offline runs) or a path to a ResNet18 state-dict file.
+    Pretrained weights come through ``create_model(..., pretrained=...)``: ``imagenet``
+    (torchvision's IMAGENET1K_V1 file, SHA-256 checked) or a path to a ResNet18 state dict.
     """
     from torchvision.models import resnet18
 
     model = resnet18(weights=None)
     model.fc = nn.Linear(model.fc.in_features, NUM_CLASSES)
-    if weights != "none":
-        missing, unexpected = model.load_state_dict(load_resnet18_state_dict(weights), strict=False)
-        missing = [k for k in missing if not k.startswith("fc.")]
-        if missing or unexpected:
-            raise UserError(f"resnet_weights {weights}: not a ResNet18 state dict "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith(("layer4.", "fc."))
     return model

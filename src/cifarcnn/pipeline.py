@@ -57,8 +57,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
         metrics = {**result.metrics, "mlflow_run_id": run.run_id,
                    "resumed_from_step": result.resumed_from_step,
                    "data_source": str(cfg.data_params.get("source")), "data_subset": cfg.data_params.get("subset"),
-                   "title": f"{cfg.name}: {cfg.model}, {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}",
-                   **({"resnet_weights": str(cfg.model_params["weights"])} if "weights" in cfg.model_params else {})}
+                   "title": f"{cfg.name}: {cfg.model}, {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}"}
         h = result.history
         blocks = h.loss_blocks()
         block_rows = [{"step": s, "mean": float(f"{m:.6g}"), "std": float(f"{d:.6g}")}
@@ -70,7 +69,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
             run.flush()
             run.log_summary({k: metrics[k] for k in ("best_val_loss", "best_val_acc")}, prefix="")
             run.log_artifact(model_dir / BEST, "checkpoint")
-            run.log_classifier(model_dir / BEST, ds.classes, ds.test_x[:2], cfg.register)  # two real test images
+            run.log_classifier(model_dir / BEST, ds.classes, ds.test_x[:2], cfg.registered_model)  # two real test images
             metrics["mlflow_logging_seconds"] = round(logging_seconds, 3)
             metrics["mlflow_logging_share"] = round(logging_seconds / max(metrics["train_seconds"], 1e-9), 4)
             run.log_summary({k: metrics[k] for k in ("mlflow_logging_seconds", "mlflow_logging_share")}, prefix="")

@@ -16,10 +16,6 @@ TASK1B = (
     "the activation function are translation-equivariant: their outputs move with the input."
 )
 
-# Models whose registry defaults differ from what the report's table shows.
-REPORT_MODEL_PARAMS = {"resnet18_transfer": {"weights": "none"}}
-
-
 def table(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, floatfmt="g")
 
@@ -31,7 +27,7 @@ def text_table(df: pd.DataFrame) -> str:
 
 def parameter_summary(name: str) -> tuple[pd.DataFrame, dict[str, int]]:
     """Per-layer table of a registered model; big ones (ResNet) grouped by top-level block."""
-    model = create_model(name, **REPORT_MODEL_PARAMS.get(name, {}))
+    model = create_model(name)
     rows = pd.DataFrame(parameter_table(model))
     if len(rows) > 20:
         rows["block"] = rows["module"].str.strip("[]").str.split(".").str[0]
@@ -207,9 +203,9 @@ REPORT_TASK4A = {"resnet_weights": "imagenet", "input_size": 224, "epochs": 5}
 def _task4a_caveats(result: dict) -> list[str]:
     """Say so when task4a ran in a form the report's numbers do not describe (e.g. shrunk for a CPU)."""
     notes = []
-    if result["train"].get("resnet_weights") == "none":
-        notes.append("trained from random weights (`resnet_weights: none`)")
     config = result.get("config")
+    if config and not config.get("pretrained"):
+        notes.append("trained from random weights (`resnet_weights: none`)")
     if config and config["input"]["size"] != REPORT_TASK4A["input_size"]:
         notes.append(f"input resized to {config['input']['size']}×{config['input']['size']} "
                      f"(the report: {REPORT_TASK4A['input_size']}×{REPORT_TASK4A['input_size']})")

@@ -274,7 +274,7 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
                         f"training images (data.subset too small?)")
     channels_last = use_channels_last(device, cfg.input.size)
     prep = Preprocess(cfg.input, device, channels_last)
-    model = create_model(cfg.model, **cfg.model_params).to(device)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_params).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     graphs = use_cuda_graphs(device, cuda_graphs)
@@ -450,7 +450,7 @@ def load_best_model(path: str | Path) -> tuple[torch.nn.Module, RunConfig, dict]
     """A best checkpoint -> (model in eval mode on CPU, its config, the checkpoint)."""
     ckpt = load_checkpoint(Path(path))
     cfg = RunConfig.from_dict(ckpt["config"])
-    model = create_model(cfg.model, **{**cfg.model_params, **({"weights": "none"} if "weights" in cfg.model_params else {})})
+    model = create_model(cfg.model, **cfg.model_params)  # its own weights replace any pretrained ones
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, ckpt
 
