@@ -55,7 +55,8 @@ def main() -> None:
             figs[f"{run}_seeds"] = f"figures/runs/{run}_seeds.png"
         cfg = RunConfig.from_dict(runs[0]["config"])  # the config the seeds were trained under: their parent's digest
         log_aggregates(params["mlflow"]["experiment"], run, config_digest(cfg.seedless_dict()), cfg.describes,
-                       aggregates(runs))
+                       aggregates(runs), [r["train"]["mlflow_parent_run_id"] for r in runs
+                                          if r["train"].get("mlflow_parent_run_id")])
     if {"task3d_dropout", "task3d_no_dropout"} <= set(results):
         with_d, without = ({**curves[r], "metrics": results[r][0]["eval"]} for r in ("task3d_dropout", "task3d_no_dropout"))
         figures.dropout_comparison(with_d, without, RUN_FIGURES / "task3d_dropout.png")

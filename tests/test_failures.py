@@ -138,9 +138,9 @@ def test_busy_store_does_not_stop_training(store, monkeypatch):
     client = MlflowClient(tracking.tracking_uri())
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "curves/train_loss")]
     assert steps == list(range(1, metrics["steps"] + 1))
-    assert len({m.step for m in client.get_metric_history(run.info.run_id, "val_loss")}) == metrics["steps"] // 8
+    assert len({m.step for m in client.get_metric_history(run.info.run_id, "curves/val_loss")}) == metrics["steps"] // 8
     assert json.loads((store / "results" / "run.json").read_text())["mlflow_run_id"] == run.info.run_id
 
 
@@ -203,13 +203,13 @@ def test_store_that_never_answers_ends_in_one_line(monkeypatch):
 
 def test_resumed_run_skips_steps_the_store_holds():
     client = FlakyClient(failures=0)
-    run = tracking.MlflowRun(client, "run-1", logged_up_to={"train_loss": 40, "val_loss": 40})
+    run = tracking.MlflowRun(client, "run-1", logged_up_to={"curves/train_loss": 40, "curves/val_loss": 40})
     run.log_train_losses(list(range(1, 61)), [0.1] * 60)
     run.log_validation(40, 1.0, 0.3, 0.9)
     run.log_validation(60, 1.5, 0.2, 0.9)
     run.flush()
-    assert [m.step for m in client.written if m.key == "train_loss"] == list(range(41, 61))
-    assert [m.step for m in client.written if m.key == "val_loss"] == [60]
+    assert [m.step for m in client.written if m.key == "curves/train_loss"] == list(range(41, 61))
+    assert [m.step for m in client.written if m.key == "curves/val_loss"] == [60]
 
 
 def test_store_down_at_the_end_keeps_the_training_and_the_next_run_only_logs(store, monkeypatch, capsys):
@@ -252,7 +252,7 @@ def test_store_down_at_the_end_keeps_the_training_and_the_next_run_only_logs(sto
     assert metrics["mlflow_run_id"] == failed.info.run_id and metrics["resumed_from_step"] == metrics["steps"]
     run = client.get_run(failed.info.run_id)
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, metrics["steps"] + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "curves/train_loss")] == list(range(1, metrics["steps"] + 1))
     assert not (store / "models" / "resume.pt").exists()
     unbroken = train_and_track(cfg, ds, store / "models2", store / "results2")
     keys = ["best_val_loss", "best_val_acc", "best_step", "steps"]

@@ -23,6 +23,7 @@ from helpers import ROOT, merged, training_runs
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.smoke
+EXPERIMENT = "cifar10-cnn-report"
 RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout", "task3e", "task4a"]
 
 
@@ -90,9 +91,15 @@ def test_repro_runs_every_stage(project):
         assert evaluation["val_loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-5)
         run = runs[f"{name}-0"]
         assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
-        assert client.get_run(run.data.tags["mlflow.parentRunId"]).data.metrics["n_seeds"] == 1  # the report's aggregates
-        assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])
-        assert not [k for k in run.data.metrics if k.startswith("final_")]
+        assert client.get_run(run.data.tags["mlflow.parentRunId"]).data.metrics["seeds/n_seeds"] == 1  # the report's aggregates
+        assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
+        # Grouped names: the charts view orders its sections (the part before the last "/")
+        # alphabetically, so the training curves come first; one name per number (scored once).
+        sections = sorted({key.rsplit("/", 1)[0] for key in run.data.metrics})
+        assert all("/" in key for key in run.data.metrics) and sections[0] == "curves", sections
+        assert {"curves/train_loss", "curves/val_loss", "curves/val_acc", "scores/val_loss", "scores/test_acc/cat",
+                "timing/mlflow_logging_share"} <= set(run.data.metrics)
+        assert not [k for k in run.data.metrics if "best_val" in k or k.startswith(("final_", "eval_"))]
         assert run.data.params["run"] == name
         assert (repo / "models" / name / "seed0" / "best.pt").exists()
         assert (repo / "results" / name / "seed0" / "curves.png").read_bytes().startswith(b"\x89PNG")
@@ -154,6 +161,27 @@ def test_exp_show_and_metrics_show_fit_a_terminal(project):
             assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), path
 
 
+def test_mlflow_run_nests_the_runs_it_starts(project):
+    """`mlflow run . -e tune` as the README says: the entry point's run sits in the project's
+    experiment and holds the training it caused (entry run -> task3e's parent -> task3e-0)."""
+    repo, env, _ = project
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    before = {r.info.run_id for r in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])}
+    sh(["mlflow", "run", ".", "-e", "tune", "-P", "lr=0.003", "--env-manager", "local", "--experiment-name", EXPERIMENT],
+       repo, env)
+    exp_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    new = [r for r in client.search_runs([exp_id]) if r.info.run_id not in before]
+    entry = [r for r in new if r.data.tags.get("mlflow.project.entryPoint") == "tune"]
+    assert len(entry) == 1 and entry[0].info.status == "FINISHED", [r.info.run_name for r in new]
+    trained = [r for r in new if r.data.tags.get("dvc_stage", "").startswith("train@")]
+    assert [r.data.tags["dvc_stage"] for r in trained] == ["train@task3e-0"]
+    parent = client.get_run(trained[0].data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["seeds_parent"] == "true" and parent.data.tags["mlflow.parentRunId"] == entry[0].info.run_id
+    assert trained[0].data.params["lr"] == "0.003" and trained[0].data.tags["mlflow.source.type"] == "PROJECT"
+    assert {r.info.run_id for r in new} == {entry[0].info.run_id, parent.info.run_id, trained[0].info.run_id}
+    assert client.get_run(parent.info.run_id).data.metrics["seeds/n_seeds"] == 1  # the report stage found it
+
+
 def test_dvc_plots_compare_runs(project):
     """Top-level plots: all runs' validation accuracy on one chart, all training losses on
     another, a confusion matrix per run; `dvc plots diff` draws an experiment beside the workspace."""
@@ -195,8 +223,8 @@ def test_mlflow_runs_hold_evaluation_metrics(project):
     for run in client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'task2-0'"):
         evaluation = merged(repo / "results" / "task2" / "seed0", "eval.json", "eval_detail.json")
         if run.info.run_id == evaluation["mlflow_run_id"]:
-            assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])
-            assert "eval_test_acc_cat" in run.data.metrics
+            assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
+            assert run.data.metrics["scores/test_acc/cat"] == pytest.approx(evaluation["test_class_acc"]["cat"])
             assert {"curves.png", "confusion.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
             break
     else:
@@ -261,7 +289,8 @@ def test_mlflow_server_serves_comparable_runs(project):
         runs = api("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
         tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
         parents = {r["info"]["run_id"]: r for r in runs if tags[r["info"]["run_id"]].get("seeds_parent") == "true"}
-        children = [r for r in runs if r["info"]["run_id"] not in parents]
+        entry_points = {i for i, t in tags.items() if "mlflow.project.entryPoint" in t}  # `mlflow run`'s own runs
+        children = [r for r in runs if r["info"]["run_id"] not in set(parents) | entry_points]
         assert {f"{run}-0" for run in RUNS} <= {r["info"]["run_name"] for r in children}
         assert set(RUNS) <= {tags[i]["run"] for i in parents}
         for r in children:  # nested: the UI groups each run's seeds under its parent
@@ -269,7 +298,7 @@ def test_mlflow_server_serves_comparable_runs(project):
             params = {p["key"]: p["value"] for p in r["data"].get("params", [])}
             metrics = {m["key"]: m["value"] for m in r["data"].get("metrics", [])}
             assert {"lr", "batch_size", "optimizer", "model", "epochs", "train.seed"} <= set(params), r["info"]["run_name"]
-            assert {"eval_test_acc", "eval_val_acc", "best_val_loss", "train_loss", "val_loss", "val_acc"} <= set(metrics)
+            assert {"scores/test_acc", "scores/val_acc", "curves/train_loss", "curves/val_loss", "curves/val_acc"} <= set(metrics)
 
 
 def test_registered_model_serves_the_evaluate_stages_predictions(project):
@@ -329,7 +358,7 @@ def test_adding_a_seed_trains_only_the_new_seed(project):
         parent = client.get_run(client.get_run(seed1["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
         seed0 = merged(repo / "results" / "task2" / "seed0", "train.json", "run.json")
         assert client.get_run(seed0["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert parent.data.metrics["n_seeds"] == 2 and "sd_test_acc" in parent.data.metrics
+        assert parent.data.metrics["seeds/n_seeds"] == 2 and "seeds/sd_test_acc" in parent.data.metrics
     finally:
         (repo / "params.yaml").write_text(original)
 
@@ -427,10 +456,10 @@ def test_killed_training_resumes_under_dvc_repro(project):
         client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
         run = client.get_run(metrics["mlflow_run_id"])
         assert run.info.status == "FINISHED"
-        for key in ("train_loss", "val_loss", "val_acc"):
+        for key in ("curves/train_loss", "curves/val_loss", "curves/val_acc"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert len(steps) == len(set(steps)), f"{key} has a step twice"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, metrics["steps"] + 1))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "curves/train_loss")] == list(range(1, metrics["steps"] + 1))
         # The same params again, never interrupted: the same numbers (the CPU is deterministic).
         unbroken = sh(["dvc", "repro", "-f", "train@task3e-0"], repo, env)
         assert "resuming" not in unbroken

@@ -58,12 +58,12 @@ def test_training_run_contents(store):
     params = run.data.params
     assert params["lr"] == "0.05" and params["optimizer"] == "sgd" and params["batch_size"] == "32"
     assert params["train.seed"] == "0" and params["input.size"] == "32" and params["mlflow.experiment"] == cfg.experiment
-    train_loss = client.get_metric_history(run.info.run_id, "train_loss")
+    train_loss = client.get_metric_history(run.info.run_id, "curves/train_loss")
     assert [m.step for m in train_loss] == list(range(1, metrics["steps"] + 1))
-    val = client.get_metric_history(run.info.run_id, "val_loss")
+    val = client.get_metric_history(run.info.run_id, "curves/val_loss")
     assert [m.step for m in val] == [4, 8]
-    assert run.data.metrics["best_val_loss"] == pytest.approx(metrics["best_val_loss"])
-    assert "test_acc" not in metrics and not [k for k in run.data.metrics if k.startswith("final_")]
+    assert "test_acc" not in metrics and not [k for k in run.data.metrics if k.startswith(("final_", "scores/"))]
+    assert not [k for k in run.data.metrics if "best_val" in k]  # the evaluate stage scores the checkpoint, once
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "checkpoint" in artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
@@ -112,7 +112,8 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     assert evaluation["val_loss"] == pytest.approx(trained["best_val_loss"], rel=1e-5)
     client = MlflowClient(tracking.tracking_uri())
     run = client.get_run(trained["mlflow_run_id"])
-    assert run.data.metrics["eval_test_acc"] == pytest.approx(evaluation["test_acc"])
+    assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
+    assert run.data.metrics["scores/val_loss"] == pytest.approx(evaluation["val_loss"])
     assert {"curves.png", "confusion.png", "checkpoint"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     for name in ("curves.png", "confusion.png"):
         assert (store / "results" / "task2" / "seed0" / name).read_bytes().startswith(b"\x89PNG")
@@ -145,7 +146,7 @@ def test_two_parents_created_at_once_converge_on_the_first(store, monkeypatch):
     create one: each then keeps the earliest and the later one is deleted."""
     client, exp_id = tracking.connect("race")
     early = client.create_run(exp_id, run_name="task2", tags={tracking.PARENT_MARK: "true", "run": "task2",
-                                                              "config_digest": "d1"})
+                                                              "config_digest": "d1", tracking.ENTRY_TAG: "none"})
     time.sleep(0.01)
     real_find = tracking._find_parent
     calls = []
@@ -159,3 +160,23 @@ def test_two_parents_created_at_once_converge_on_the_first(store, monkeypatch):
     assert chosen == early.info.run_id
     parents = [r for r in client.search_runs([exp_id]) if r.data.tags.get(tracking.PARENT_MARK) == "true"]
     assert [r.info.run_id for r in parents] == [early.info.run_id]  # ours was deleted
+
+
+def test_parents_nest_under_the_mlflow_run_entry_point(store, monkeypatch, capsys):
+    """Under `mlflow run` (MLFLOW_RUN_ID set for the command) a run's parent is that entry
+    point's own, nested under it; an entry run in another experiment cannot hold it: one line says why."""
+    client, exp_id = tracking.connect("nest")
+    outside = tracking.parent_run("nest", "task2", "d1")
+    entry = client.create_run(exp_id, run_name="tune").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", entry)
+    inside = tracking.parent_run("nest", "task2", "d1")
+    assert inside != outside and client.get_run(inside).data.tags["mlflow.parentRunId"] == entry
+    assert tracking.parent_run("nest", "task2", "d1") == inside  # found again, not duplicated
+    other = client.create_run(client.create_experiment("elsewhere")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", other)
+    assert tracking.parent_run("nest", "task2", "d1") == outside
+    assert "pass --experiment-name" in capsys.readouterr().out
+    # The report stage's aggregates go to the parents the seeds were trained under.
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    assert tracking.log_aggregates("nest", "task2", "d1", "", {"n_seeds": 2}, [inside, "gone"]) == [inside]
+    assert client.get_run(inside).data.metrics == {"seeds/n_seeds": 2}

@@ -17,7 +17,7 @@ from .batches import validation_indices
 from .config import RunConfig, config_digest
 from .data import Dataset
 from .fsutil import csv_text, split_metrics, staged_outputs, write_json, write_text
-from .tracking import PARENT_TAG, MlflowRun, parent_run, repo_root, run_tags
+from .tracking import PARENT_TAG, TIMING, MlflowRun, parent_run, repo_root, run_tags
 from .training import BEST, RESUME, data_fingerprint, load_checkpoint, resolve_device, train
 
 CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]
@@ -54,7 +54,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
         result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
                        resume_dir=resume_in, keep_resume=True, score=False, resume_state=state)  # the evaluate stage scores it
         logging_seconds = run.seconds  # params + per-step/validation metrics, during training
-        metrics = {**result.metrics, "mlflow_run_id": run.run_id,
+        metrics = {**result.metrics, "mlflow_run_id": run.run_id, "mlflow_parent_run_id": parent,
                    "resumed_from_step": result.resumed_from_step,
                    "data_source": str(cfg.data_params.get("source")), "data_subset": cfg.data_params.get("subset"),
                    "title": f"{cfg.name}: {cfg.model}, {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}"}
@@ -67,12 +67,11 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
             write_text(staged / "train_loss.csv", csv_text(block_rows, LOSS_BLOCK_FIELDS))
             write_text(staged / "curves.csv", csv_text(h.validations, CURVE_FIELDS))
             run.flush()
-            run.log_summary({k: metrics[k] for k in ("best_val_loss", "best_val_acc")}, prefix="")
             run.log_artifact(model_dir / BEST, "checkpoint")
             run.log_classifier(model_dir / BEST, ds.classes, ds.test_x[:2], cfg.registered_model)  # two real test images
             metrics["mlflow_logging_seconds"] = round(logging_seconds, 3)
             metrics["mlflow_logging_share"] = round(logging_seconds / max(metrics["train_seconds"], 1e-9), 4)
-            run.log_summary({k: metrics[k] for k in ("mlflow_logging_seconds", "mlflow_logging_share")}, prefix="")
+            run.log_summary({k: metrics[k] for k in ("mlflow_logging_seconds", "mlflow_logging_share")}, prefix=TIMING)
             numbers, info = split_metrics(metrics, TRAIN_METRICS)
             write_json(staged / "train.json", numbers)  # what `dvc exp show` compares: numbers only
             write_json(staged / "run.json", info)  # ids, device, data, flags

@@ -25,6 +25,16 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .errors import UserError  # noqa: E402
 
+# MLflow metric names, grouped by what comes before the last "/". The charts view shows one
+# section per group, in alphabetical order (the ungrouped last), so the training curves come
+# first, then the best checkpoint's scores (the evaluate stage owns them), its per-class test
+# accuracy, a parent run's aggregates over its seeds, and the time spent logging.
+CURVES = "curves/"  # per training step: train_loss; per validation: val_loss, val_acc, epoch
+SCORES = "scores/"  # the best checkpoint on every split: train_acc, val_loss, test_acc, ...
+CLASS_SCORES = SCORES + "test_acc/"  # + class name
+SEEDS = "seeds/"  # on a run's parent: n, mean_test_acc, sd_test_acc, ...
+TIMING = "timing/"  # mlflow_logging_seconds, mlflow_logging_share
+
 _TEMP_EXP_MARKER = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 FINAL_WAIT_S = float(os.environ.get("CIFARCNN_MLFLOW_WAIT_S", 120))  # how long the end of a run waits for the store
@@ -55,8 +65,9 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
     try:
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            try:
-                exp_id = client.create_experiment(experiment, artifact_location=artifact_location())
+            try:  # the local store keeps artifacts beside it; a server chooses (and serves) their place
+                exp_id = client.create_experiment(
+                    experiment, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else artifact_location())
             except Exception:  # noqa: BLE001 - a parallel stage (dvc exp run -j 2) created it first
                 found = client.get_experiment_by_name(experiment)
                 if found is None:
@@ -234,14 +245,15 @@ class MlflowRun:
 
     def log_train_losses(self, steps: list[int], losses: list[float]) -> None:
         now = int(time.time() * 1000)
-        self.log_metrics([Metric("train_loss", v, now, s) for s, v in zip(steps, losses)])
+        self.log_metrics([Metric(CURVES + "train_loss", v, now, s) for s, v in zip(steps, losses)])
 
     def log_validation(self, step: int, epoch: float, val_loss: float, val_acc: float) -> None:
         now = int(time.time() * 1000)
-        self.log_metrics([Metric("val_loss", val_loss, now, step), Metric("val_acc", val_acc, now, step),
-                          Metric("epoch", epoch, now, step)])
+        self.log_metrics([Metric(CURVES + "val_loss", val_loss, now, step), Metric(CURVES + "val_acc", val_acc, now, step),
+                          Metric(CURVES + "epoch", epoch, now, step)])
 
-    def log_summary(self, metrics: dict, prefix: str = "final_") -> None:
+    def log_summary(self, metrics: dict, prefix: str) -> None:
+        """Single numbers (step 0) named ``prefix + key``, after everything queued is written."""
         now = int(time.time() * 1000)
         self.flush()
         values = [Metric(f"{prefix}{k}", float(v), now, 0) for k, v in metrics.items()
@@ -317,35 +329,57 @@ def run_tags(run_name: str, device: str, script: str, description: str = "") -> 
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a run under the run this tag names
 PARENT_MARK = "seeds_parent"  # tag of a report run's parent: it holds no training, only its seeds' aggregates
+ENTRY_TAG = "entry_run"  # the `mlflow run` run a parent was created under ("none": dvc repro / dvc exp run)
 
 
-def _find_parent(client: MlflowClient, exp_id: str, run_name: str, digest: str) -> str | None:
+def entry_run(client: MlflowClient, exp_id: str) -> str | None:
+    """The run `mlflow run` started for its entry point (it sets MLFLOW_RUN_ID for the command),
+    when it is in this project's experiment: the training runs are nested under it."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - in another store: nothing to nest under
+        print(f"MLflow: the `mlflow run` run {run_id} is not in {tracking_uri()}; the runs are not nested under it")
+        return None
+    if run.info.experiment_id != exp_id:
+        print(f"MLflow: the `mlflow run` run {run_id} is in experiment {run.info.experiment_id}, not in this "
+              f"project's ({exp_id}); pass --experiment-name (mlflow.experiment of params.yaml) to nest the runs under it")
+        return None
+    return run_id
+
+
+def _find_parent(client: MlflowClient, exp_id: str, run_name: str, digest: str, entry: str) -> str | None:
     found = client.search_runs([exp_id], filter_string=f"tags.{PARENT_MARK} = 'true' and tags.run = '{run_name}' "
-                                                       f"and tags.config_digest = '{digest}'",
+                                                       f"and tags.config_digest = '{digest}' and tags.{ENTRY_TAG} = '{entry}'",
                                max_results=1, order_by=["attributes.start_time ASC"])
     return found[0].info.run_id if found else None
 
 
 def parent_run(experiment: str, run_name: str, digest: str, describes: str = "") -> str:
     """The parent MLflow run of every seed of ``run_name`` with this config (found by its tags,
-    created on first use): the UI nests the seeds under it, and it carries their aggregates."""
+    created on first use): the UI nests the seeds under it, and it carries their aggregates.
+    Under `mlflow run` the parent is one of that entry point's run, and nested under it."""
     client, exp_id = connect(experiment)
     return _parent_run(client, exp_id, run_name, digest, describes)
 
 
 def _parent_run(client: MlflowClient, exp_id: str, run_name: str, digest: str, describes: str) -> str:
     try:
-        found = _find_parent(client, exp_id, run_name, digest)
+        entry = entry_run(client, exp_id)
+        found = _find_parent(client, exp_id, run_name, digest, entry or "none")
         if found:
             return found
         name = run_name + (f" ({os.environ['DVC_EXP_NAME']})" if os.environ.get("DVC_EXP_NAME") else "")
         run = client.create_run(exp_id, run_name=name, tags={
-            PARENT_MARK: "true", "run": run_name, "config_digest": digest, "git_commit": git_commit(repo_root()),
+            PARENT_MARK: "true", "run": run_name, "config_digest": digest, ENTRY_TAG: entry or "none",
+            **({PARENT_TAG: entry} if entry else {}), "git_commit": git_commit(repo_root()),
             "mlflow.note.content": (f"{describes}. " if describes else "") +
                                    f"All seeds of `{run_name}` with config {digest}: each seed is a child run; "
-                                   "mean_*, sd_* and n_seeds are their aggregates (written by the report stage)."})
+                                   f"{SEEDS}* are their aggregates (written by the report stage)."})
         client.set_terminated(run.info.run_id)
-        first = _find_parent(client, exp_id, run_name, digest)  # two seeds starting at once (a queue with -j 2)
+        first = _find_parent(client, exp_id, run_name, digest, entry or "none")  # two seeds starting at once (-j 2)
         if first != run.info.run_id:  # may both have created one: keep the earliest, drop ours
             client.delete_run(run.info.run_id)
         return first
@@ -354,17 +388,29 @@ def _parent_run(client: MlflowClient, exp_id: str, run_name: str, digest: str, d
                         f"({type(err).__name__}: {_first_line(err)}); re-run the stage when it answers") from err
 
 
-def log_aggregates(experiment: str, run_name: str, digest: str, describes: str, aggregates: dict[str, float]) -> str:
-    """The seeds' mean, sd and n onto the run's parent (the one its seeds were trained under)."""
+def log_aggregates(experiment: str, run_name: str, digest: str, describes: str, aggregates: dict[str, float],
+                   parents: list[str]) -> list[str]:
+    """The seeds' mean, sd and n onto the parent runs the seeds were trained under (``parents``,
+    from their run.json); when none of them is in this store, onto the run's parent found by its tags."""
     client, exp_id = connect(experiment)
-    run_id = _parent_run(client, exp_id, run_name, digest, describes)
     now = int(time.time() * 1000)
     try:
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in aggregates.items()])
+        known = []
+        for run_id in dict.fromkeys(parents):
+            try:
+                client.get_run(run_id)
+                known.append(run_id)
+            except Exception:  # noqa: BLE001 - not in this store (another server, a fresh mlflow.db)
+                pass
+        known = known or [_parent_run(client, exp_id, run_name, digest, describes)]
+        for run_id in known:
+            client.log_batch(run_id, metrics=[Metric(SEEDS + k, float(v), now, 0) for k, v in aggregates.items()])
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001
         raise UserError(f"MLflow store {tracking_uri()} refused the aggregates of {run_name} "
                         f"({type(err).__name__}: {_first_line(err)}); re-run the stage when it answers") from err
-    return run_id
+    return known
 
 
 def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: dict,
@@ -377,8 +423,8 @@ def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: 
         print(f"MLflow run {run_id} of {run_name} is not in {tracking_uri()}; logging the evaluation "
               f"into a new run {run.run_id}")
     flat = {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss", "_aug"))}
-    flat.update({f"test_acc_{c}": v for c, v in metrics.get("test_class_acc", {}).items() if v is not None})
-    run.log_summary(flat, prefix="eval_")
+    flat.update({f"test_acc/{c}": v for c, v in metrics.get("test_class_acc", {}).items() if v is not None})
+    run.log_summary(flat, prefix=SCORES)  # per class: CLASS_SCORES + class
     for path in artifacts:
         run.log_artifact(path)
     if run.run_id != run_id:
