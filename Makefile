@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test bench ui
+.PHONY: install repro test bench ui team-up team-down
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install -e '.[test]'
+	$(VENV)/bin/python -m pip install -e '.[test,team]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,3 +26,9 @@ bench: install  ## data-loading and training-throughput benchmarks (needs data/c
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+team-up: install  ## the team stack: PostgreSQL + SeaweedFS (S3) + mlflow server with auth, on 127.0.0.1
+	python -m cifarcnn.teamstack start
+
+team-down:  ## stop every process team-up started
+	python -m cifarcnn.teamstack stop

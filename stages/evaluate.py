@@ -9,7 +9,6 @@ Drawing here, not in the train stage, means a change to a plot never re-trains a
 """
 import json
 import sys
-from pathlib import Path
 
 from cifarcnn import figures
 from cifarcnn.config import load_params, run_dirs

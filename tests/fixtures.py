@@ -105,3 +105,44 @@ def stripes_photo(size: int = 224, period: int = 16) -> np.ndarray:
     img[size // 2:, :, 0] //= 3
     img[size // 2:, :, 2] //= 3
     return img
+
+
+@contextlib.contextmanager
+def tiny_project(work: Path):
+    """The project's tracked files in a new git repo under ``work``, with params shrunk as CI
+    runs it (300 generated images served on 127.0.0.1, one epoch, resnet_weights: none);
+    yields (repo, env) while the data is served. ``env``: this environment without MLFLOW_*/DVC_*."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    repo = work / "repo"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, files.split("\0")):
+        if (root / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, repo / rel)
+    served = work / "served"
+    served.mkdir()
+    md5 = write_archive(served / "cifar-10-python.tar.gz", n_train=400, n_test=100)
+    Image.fromarray(stripes_photo()).save(served / "photo.png")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               GIT_AUTHOR_NAME="smoke", GIT_AUTHOR_EMAIL="smoke@example.com",
+               GIT_COMMITTER_NAME="smoke", GIT_COMMITTER_EMAIL="smoke@example.com", DVC_NO_ANALYTICS="1")
+    with serve_directory(served) as url:
+        # Edit the real file line by line: its comments and anchors are part of what DVC rewrites.
+        text = (repo / "params.yaml").read_text()
+        for key, value in [("source", f"{url}/cifar-10-python.tar.gz"), ("md5", md5), ("subset", "300"),
+                           ("max_epochs", "1"), ("resnet_weights", "none"), ("image", f"{url}/photo.png")]:
+            text, n = re.subn(rf"^(\s*{key}:) \S+", rf"\g<1> {value}", text, count=1, flags=re.M)
+            assert n == 1, key
+        (repo / "params.yaml").write_text(text)
+        for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
+            subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+        yield repo, env

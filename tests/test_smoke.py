@@ -11,15 +11,14 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from fixtures import serve_directory, stripes_photo, write_archive
-from helpers import ROOT, merged, training_runs
+from fixtures import tiny_project
+from helpers import merged, training_runs
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.smoke
@@ -40,34 +39,8 @@ def ran_stages(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A git repo holding the project's tracked files and shrunk params."""
-    work = tmp_path_factory.mktemp("smoke")
-    repo = work / "repo"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for rel in filter(None, files.split("\0")):
-        if (ROOT / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, repo / rel)
-    served = work / "served"
-    served.mkdir()
-    md5 = write_archive(served / "cifar-10-python.tar.gz", n_train=400, n_test=100)
-    from PIL import Image
-    Image.fromarray(stripes_photo()).save(served / "photo.png")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               GIT_AUTHOR_NAME="smoke", GIT_AUTHOR_EMAIL="smoke@example.com",
-               GIT_COMMITTER_NAME="smoke", GIT_COMMITTER_EMAIL="smoke@example.com", DVC_NO_ANALYTICS="1")
-    with serve_directory(served) as url:
-        # Edit the real file line by line: its comments and anchors are part of what DVC rewrites.
-        text = (repo / "params.yaml").read_text()
-        for key, value in [("source", f"{url}/cifar-10-python.tar.gz"), ("md5", md5), ("subset", "300"),
-                           ("max_epochs", "1"), ("resnet_weights", "none"), ("image", f"{url}/photo.png")]:
-            text, n = re.subn(rf"^(\s*{key}:) \S+", rf"\g<1> {value}", text, count=1, flags=re.M)
-            assert n == 1, key
-        (repo / "params.yaml").write_text(text)
-        sh(["git", "init", "-q"], repo, env)
-        sh(["git", "add", "-A"], repo, env)
-        sh(["git", "commit", "-qm", "smoke"], repo, env)
+    """A git repo holding the project's tracked files and shrunk params, after its first `dvc repro`."""
+    with tiny_project(tmp_path_factory.mktemp("smoke")) as (repo, env):
         first = sh(["dvc", "repro"], repo, env)
         yield repo, env, first
 

@@ -39,6 +39,7 @@ _TEMP_EXP_MARKER = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 FINAL_WAIT_S = float(os.environ.get("CIFARCNN_MLFLOW_WAIT_S", 120))  # how long the end of a run waits for the store
 MAX_BACKOFF_S = 30.0  # longest pause between two tries
+CONNECT_WAIT_S = float(os.environ.get("CIFARCNN_MLFLOW_CONNECT_WAIT_S", 20))  # a stage's first contact: how long it waits
 
 
 def repo_root() -> Path:
@@ -58,29 +59,38 @@ def artifact_location(root: Path | None = None) -> str:
 
 
 def connect(experiment: str) -> tuple[MlflowClient, str]:
-    """A client on the store and the experiment's id (created once, with absolute artifacts)."""
+    """A client on the store and the experiment's id (created once; a local store's artifacts
+    at an absolute path). A store that does not answer (a server or its database restarting) is
+    asked again for up to CONNECT_WAIT_S, then the stage ends in one line."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    try:
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while True:
+        try:
+            return client, _experiment_id(client, experiment, uri)
+        except Exception as err:  # noqa: BLE001 - any failure here means "no usable store"
+            if time.monotonic() + 2 < deadline:
+                time.sleep(2)
+                continue
+            raise UserError(
+                f"MLflow tracking store {uri} is not usable ({type(err).__name__}: {_first_line(err)}); "
+                "start the server, or unset MLFLOW_TRACKING_URI to log into the local sqlite store"
+            ) from err
+
+
+def _experiment_id(client: MlflowClient, experiment: str, uri: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    server = uri.startswith(("http://", "https://", "databricks"))
+    try:  # a local store keeps artifacts beside it; a server chooses (and serves) their place
+        return client.create_experiment(experiment, artifact_location=None if server else artifact_location())
+    except Exception:  # noqa: BLE001 - a parallel stage (dvc exp run -j 2) created it first
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            try:  # the local store keeps artifacts beside it; a server chooses (and serves) their place
-                exp_id = client.create_experiment(
-                    experiment, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else artifact_location())
-            except Exception:  # noqa: BLE001 - a parallel stage (dvc exp run -j 2) created it first
-                found = client.get_experiment_by_name(experiment)
-                if found is None:
-                    raise
-                exp_id = found.experiment_id
-        else:
-            exp_id = found.experiment_id
-    except Exception as err:  # noqa: BLE001 - any failure here means "no usable store"
-        raise UserError(
-            f"MLflow tracking store {uri} is not usable ({type(err).__name__}: {str(err)[:200]}); "
-            "start the server, or unset MLFLOW_TRACKING_URI to log into the local sqlite store"
-        ) from err
-    return client, exp_id
+            raise
+        return found.experiment_id
 
 
 def git_commit(root: Path) -> str:

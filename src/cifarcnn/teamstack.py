@@ -1,0 +1,387 @@
+"""The team stack: a shared MLflow server on PostgreSQL and an S3 object store, and a DVC remote
+on the same store, started and stopped by one command each (bound to 127.0.0.1 by default):
+
+    python -m cifarcnn.teamstack start            # PostgreSQL, SeaweedFS (S3), mlflow server with auth
+    eval "$(python -m cifarcnn.teamstack env)"    # this shell logs to it: MLFLOW_TRACKING_URI + credentials
+    python -m cifarcnn.teamstack remote           # DVC remote `team` on the same store (keys in .dvc/config.local)
+    python -m cifarcnn.teamstack stop
+
+- PostgreSQL is MLflow's backend store (``initdb`` into ``<dir>/postgres``, run as the
+  ``postgres`` user when started by root, which PostgreSQL refuses to run as);
+- SeaweedFS (``weed server -s3``) holds the bucket ``mlflow`` (artifacts) and ``dvc`` (the DVC
+  remote); every request needs the access keys: an anonymous one is refused;
+- ``mlflow server --app-name basic-auth`` serves the runs and proxies the artifacts (clients need
+  no S3 keys); a request without the user and password gets 401.
+
+A team with its own database sets ``TEAM_BACKEND_STORE_URI`` (e.g.
+``postgresql+psycopg2://mlflow:...@db.internal/mlflow``, read from the environment only, as it
+holds a password): no local PostgreSQL is started, and the users live in ``TEAM_AUTH_DB_URI``
+(default: ``<dir>/basic_auth.db``).
+
+Secrets (the database password, the S3 keys, the MLflow admin password) come from the
+environment when set (``TEAM_PG_PASSWORD``, ``TEAM_S3_ACCESS_KEY``, ``TEAM_S3_SECRET_KEY``,
+``TEAM_MLFLOW_PASSWORD``), else they are generated once into ``<dir>/secrets.env`` (mode 600;
+``.team/`` is git-ignored). They never go into git, params or MLflow tags. The state (ports,
+PIDs) is ``<dir>/stack.json``; ``stop`` ends every process it started, by PID.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import UserError, cli
+
+DEFAULT_DIR = Path(".team")
+PG_BIN = Path(os.environ.get("TEAM_PG_BIN", "/usr/lib/postgresql/15/bin"))
+BUCKETS = ("mlflow", "dvc")  # MLflow's artifacts; DVC's remote
+SECRET_KEYS = ("TEAM_PG_PASSWORD", "TEAM_S3_ACCESS_KEY", "TEAM_S3_SECRET_KEY", "TEAM_MLFLOW_PASSWORD")
+MLFLOW_ADMIN = "admin"
+SERVICES = ("postgres", "s3", "mlflow")  # in start order; stopped in reverse
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # our child: reap it if it exited
+        return waited == 0
+    except ChildProcessError:  # not our child (started by an earlier command)
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+    return lines[-1].strip()[:300] if lines else "no output"
+
+
+def _wait(what: str, ready, timeout: float, log: Path, pid: int | None = None) -> float:
+    """Poll ``ready()`` until true; the seconds it took, or a one-line error with the log's last line."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            if ready():
+                return time.monotonic() - started
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if pid is not None and not _alive(pid):
+            raise UserError(f"{what} exited while starting ({_last_line(log)}); see {log}")
+        time.sleep(0.3)
+    raise UserError(f"{what} did not come up within {timeout:g} s ({_last_line(log)}); see {log}")
+
+
+def _http_status(url: str, auth: tuple[str, str] | None = None) -> int:
+    req = urllib.request.Request(url)
+    if auth:
+        import base64
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+class Stack:
+    """One stack's folder: its secrets, state, data and logs."""
+
+    def __init__(self, directory: Path = DEFAULT_DIR, host: str = "127.0.0.1") -> None:
+        self.dir = Path(directory).resolve()
+        self.host = host
+        self.backend_uri = os.environ.get("TEAM_BACKEND_STORE_URI")  # a team's own database, if any
+        self.state_file = self.dir / "stack.json"
+        self.secrets_file = self.dir / "secrets.env"
+
+    # --- secrets and state ------------------------------------------------------------
+    def secrets(self) -> dict[str, str]:
+        """From the environment when set, else from (or generated once into) secrets.env."""
+        stored: dict[str, str] = {}
+        if self.secrets_file.exists():
+            for line in self.secrets_file.read_text().splitlines():
+                key, _, value = line.partition("=")
+                if key in SECRET_KEYS:
+                    stored[key] = value
+        missing = [k for k in SECRET_KEYS if k not in stored and not os.environ.get(k)]
+        if missing:
+            stored.update({k: ("AK" + secrets.token_hex(8).upper() if k == "TEAM_S3_ACCESS_KEY" else secrets.token_urlsafe(24))
+                           for k in missing})
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.secrets_file.with_suffix(".tmp")
+            tmp.touch(mode=0o600)
+            tmp.write_text("".join(f"{k}={v}\n" for k, v in stored.items()))
+            os.replace(tmp, self.secrets_file)
+        return {k: os.environ.get(k) or stored[k] for k in SECRET_KEYS}
+
+    def state(self) -> dict:
+        if not self.state_file.exists():
+            raise UserError(f"no team stack in {self.dir}: start it with `python -m cifarcnn.teamstack start`")
+        return json.loads(self.state_file.read_text())
+
+    def _save(self, state: dict) -> None:
+        self.state_file.write_text(json.dumps(state, indent=2) + "\n")
+
+    # --- what clients use -------------------------------------------------------------
+    def client_env(self) -> dict[str, str]:
+        """What a shell or CI job sets to log to the server (no S3 keys: artifacts are proxied)."""
+        state, keys = self.state(), self.secrets()
+        return {"MLFLOW_TRACKING_URI": state["mlflow_uri"], "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
+                "MLFLOW_TRACKING_PASSWORD": keys["TEAM_MLFLOW_PASSWORD"]}
+
+    def s3_env(self) -> dict[str, str]:
+        """The object store's keys, for DVC's remote and for the server (not for MLflow clients)."""
+        keys = self.secrets()
+        return {"AWS_ACCESS_KEY_ID": keys["TEAM_S3_ACCESS_KEY"], "AWS_SECRET_ACCESS_KEY": keys["TEAM_S3_SECRET_KEY"],
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    # --- the services -----------------------------------------------------------------
+    def _as_postgres(self) -> list[str]:
+        """PostgreSQL refuses to run as root: then run its tools as the postgres user."""
+        return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def _own(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(path, "postgres", "postgres")
+            if subprocess.run([*self._as_postgres(), "test", "-w", str(path)], capture_output=True).returncode != 0:
+                raise UserError(f"PostgreSQL runs as the postgres user (it refuses root), which cannot reach {path}; "
+                                "use --dir in a folder every user can enter (e.g. under /tmp or /srv)")
+
+    def _start_postgres(self, state: dict, keys: dict) -> None:
+        data, run = self.dir / "postgres", self.dir / "postgres-run"
+        self._own(run)
+        if not (data / "PG_VERSION").exists():
+            self._own(data)
+            pwfile = run / "pw"
+            pwfile.write_text(keys["TEAM_PG_PASSWORD"] + "\n")
+            os.chmod(pwfile, 0o600)
+            if os.geteuid() == 0:
+                shutil.chown(pwfile, "postgres", "postgres")
+            try:
+                subprocess.run([*self._as_postgres(), str(PG_BIN / "initdb"), "-D", str(data), "-U", "mlflow",
+                                f"--pwfile={pwfile}", "-A", "scram-sha-256", "--no-instructions"],
+                               check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as err:
+                raise UserError(f"initdb failed: {(err.stderr or err.stdout).strip().splitlines()[-1]}") from err
+            finally:
+                pwfile.unlink(missing_ok=True)
+        self._pg_ctl("start", state)
+        env = {**os.environ, "PGPASSWORD": keys["TEAM_PG_PASSWORD"]}
+        for db in ("mlflow", "mlflow_auth"):
+            subprocess.run([str(PG_BIN / "createdb"), "-h", self.host, "-p", str(state["ports"]["postgres"]),
+                            "-U", "mlflow", db], env=env, capture_output=True)  # exists already: fine
+
+    def _pg_ctl(self, action: str, state: dict) -> None:
+        data, run = self.dir / "postgres", self.dir / "postgres-run"
+        args = [*self._as_postgres(), str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "60"]
+        if action == "start":
+            args += ["-l", str(run / "postgres.log"), "-o", f"-p {state['ports']['postgres']} -h {self.host} -k {run}",
+                     "start"]
+        else:
+            args += ["-m", "fast", "stop"]
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode != 0 and action == "start":
+            raise UserError(f"PostgreSQL did not start ({proc.stderr.strip() or proc.stdout.strip()}); see "
+                            f"{run / 'postgres.log'}")
+
+    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> int:
+        log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)  # its own process group: stopped as one
+        return proc.pid
+
+    def _start_s3(self, state: dict, keys: dict) -> None:
+        p = state["ports"]
+        (self.dir / "seaweedfs").mkdir(parents=True, exist_ok=True)
+        config = self.dir / "s3.json"
+        config.touch(mode=0o600)
+        config.write_text(json.dumps({"identities": [{
+            "name": "team", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            "credentials": [{"accessKey": keys["TEAM_S3_ACCESS_KEY"], "secretKey": keys["TEAM_S3_SECRET_KEY"]}]}]}))
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        state["pids"]["s3"] = self._spawn("s3", [
+            weed, "server", f"-dir={self.dir / 'seaweedfs'}", f"-ip={self.host}", f"-ip.bind={self.host}",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}", "-master.volumeSizeLimitMB=256",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.max=20",
+            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={config}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"])
+        self._save(state)
+        _wait("SeaweedFS S3", lambda: self._buckets(state), 120, self.dir / "logs" / "s3.log", state["pids"]["s3"])
+
+    def _s3(self, state: dict):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=state["s3_url"], config=Config(retries={"max_attempts": 1}),
+                            **{k.lower(): v for k, v in self.s3_env().items() if k != "AWS_DEFAULT_REGION"},
+                            region_name="us-east-1")
+
+    def _buckets(self, state: dict) -> bool:
+        s3 = self._s3(state)
+        have = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+        for bucket in BUCKETS:
+            if bucket not in have:
+                s3.create_bucket(Bucket=bucket)
+        return True
+
+    def _start_mlflow(self, state: dict, keys: dict) -> None:
+        pg = f"postgresql+psycopg2://mlflow:{keys['TEAM_PG_PASSWORD']}@{self.host}:{state['ports']['postgres']}"
+        backend = self.backend_uri or f"{pg}/mlflow"
+        users = os.environ.get("TEAM_AUTH_DB_URI") or (
+            f"sqlite:///{self.dir / 'basic_auth.db'}" if self.backend_uri else f"{pg}/mlflow_auth")
+        auth_ini = self.dir / "basic_auth.ini"
+        auth_ini.touch(mode=0o600)
+        auth_ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                            f"database_uri = {users}\n"
+                            f"admin_username = {MLFLOW_ADMIN}\nadmin_password = {keys['TEAM_MLFLOW_PASSWORD']}\n"
+                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env = {**self.s3_env(), "MLFLOW_S3_ENDPOINT_URL": state["s3_url"], "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": keys["TEAM_MLFLOW_PASSWORD"]}
+        state["pids"]["mlflow"] = self._spawn("mlflow", [
+            str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
+            "--backend-store-uri", backend, "--artifacts-destination", "s3://mlflow/artifacts",
+            "--host", self.host, "--port", str(state["ports"]["mlflow"]), "--workers", "2"], env)
+        self._save(state)
+        _wait("mlflow server", lambda: _http_status(f"{state['mlflow_uri']}/health") == 200, 180,
+              self.dir / "logs" / "mlflow.log", state["pids"]["mlflow"])
+
+    # --- commands ---------------------------------------------------------------------
+    def start(self) -> dict:
+        """Start every service (a running stack is left as it is); returns the state."""
+        if self.state_file.exists() and self.running():
+            return self.state()
+        keys = self.secrets()
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        ports = {name: free_port(self.host) for name in (
+            "postgres", "mlflow", "s3", "s3_grpc", "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc")}
+        state = {"host": self.host, "ports": ports, "pids": {}, "seconds": {},
+                 "mlflow_uri": f"http://{self.host}:{ports['mlflow']}", "s3_url": f"http://{self.host}:{ports['s3']}"}
+        self._save(state)
+        try:
+            for name in self.services():
+                started = time.monotonic()
+                self.start_service(name, state, keys)
+                state["seconds"][name] = round(time.monotonic() - started, 1)
+                self._save(state)
+        except BaseException:
+            self.stop()
+            raise
+        return state
+
+    def start_service(self, name: str, state: dict | None = None, keys: dict | None = None) -> None:
+        state, keys = state or self.state(), keys or self.secrets()
+        {"postgres": self._start_postgres, "s3": self._start_s3, "mlflow": self._start_mlflow}[name](state, keys)
+
+    def stop_service(self, name: str) -> None:
+        state = self.state()
+        if name == "postgres":
+            self._pg_ctl("stop", state)
+            return
+        pid = state["pids"].pop(name, None)
+        self._save(state)
+        if pid:
+            _kill_group(pid)
+
+    def restart(self, name: str) -> float:
+        """Stop one service and start it again on the same ports and data; the seconds it was away."""
+        started = time.monotonic()
+        self.stop_service(name)
+        self.start_service(name)
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        if not self.state_file.exists():
+            return
+        for name in reversed(self.services()):
+            try:
+                self.stop_service(name)
+            except Exception as err:  # noqa: BLE001 - stop the others anyway
+                print(f"stopping {name}: {err}", file=sys.stderr)
+        self.state_file.unlink(missing_ok=True)
+
+    def services(self) -> tuple[str, ...]:
+        return tuple(s for s in SERVICES if not (s == "postgres" and self.backend_uri))
+
+    def running(self) -> bool:
+        try:
+            return _http_status(f"{self.state()['mlflow_uri']}/health") == 200
+        except Exception:  # noqa: BLE001
+            return False
+
+    def configure_dvc_remote(self, repo: Path, name: str = "team") -> None:
+        """`dvc remote add -d team s3://dvc/cache` with the store's endpoint; the keys go to
+        .dvc/config.local (git-ignored by DVC), never to .dvc/config."""
+        state, s3 = self.state(), self.s3_env()
+        for args in (["remote", "add", "-d", "-f", name, "s3://dvc/cache"],
+                     ["remote", "modify", name, "endpointurl", state["s3_url"]],
+                     ["remote", "modify", "--local", name, "access_key_id", s3["AWS_ACCESS_KEY_ID"]],
+                     ["remote", "modify", "--local", name, "secret_access_key", s3["AWS_SECRET_ACCESS_KEY"]]):
+            subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True)
+
+
+def _kill_group(pid: int, timeout: float = 5) -> None:
+    """SIGTERM to the process group, SIGKILL after ``timeout`` s (a server waiting on idle
+    keep-alive connections would hold its port for long)."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cifarcnn.teamstack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["start", "stop", "env", "remote", "status"])
+    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("TEAM_STACK_DIR", DEFAULT_DIR)))
+    parser.add_argument("--host", default=os.environ.get("TEAM_STACK_HOST", "127.0.0.1"))
+    args = parser.parse_args(argv)
+    stack = Stack(args.dir, args.host)
+    if args.command == "start":
+        state = stack.start()
+        print(f"team stack up: MLflow {state['mlflow_uri']} (user {MLFLOW_ADMIN}), S3 {state['s3_url']} "
+              f"(buckets {', '.join(BUCKETS)}), "
+              f"{'your TEAM_BACKEND_STORE_URI' if stack.backend_uri else 'PostgreSQL %s:%s' % (state['host'], state['ports']['postgres'])}; "
+              f"secrets in {stack.secrets_file}; `eval \"$(python -m cifarcnn.teamstack env)\"` to use it")
+    elif args.command == "stop":
+        stack.stop()
+        print(f"team stack in {stack.dir} stopped")
+    elif args.command == "env":
+        print("".join(f"export {k}='{v}'\n" for k, v in stack.client_env().items()), end="")
+    elif args.command == "remote":
+        stack.configure_dvc_remote(Path.cwd())
+        print("DVC remote `team` -> s3://dvc/cache (keys in .dvc/config.local); `dvc push` / `dvc pull`")
+    else:
+        print(json.dumps({**stack.state(), "running": stack.running()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The team stack end to end, as README "Team set-up" runs it: PostgreSQL, SeaweedFS (S3) and
+`mlflow server` with basic auth on free loopback ports (cifarcnn.teamstack); the tiny pipeline
+logging to it through a server restart; a DVC remote on the same store (push with the store
+down, push, fresh clone, pull, nothing to re-run); a queued sweep of three with two workers
+through a database restart. Everything it starts is stopped by PID at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fixtures import tiny_project
+from helpers import merged
+
+from cifarcnn.teamstack import Stack, _alive
+
+pytestmark = pytest.mark.smoke
+EXPERIMENT = "cifar10-cnn-report"
+RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout", "task3e", "task4a"]
+MEASURED: dict[str, float] = {}  # printed at the end: what the closing note quotes
+
+
+def sh(args: list[str], cwd: Path, env: dict, timeout: int = 1200, ok: bool = True) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    if ok:
+        assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{output[-6000:]}"
+    else:
+        assert proc.returncode != 0, f"{' '.join(args)} should have failed:\n{output[-3000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    """The stack (in a folder the postgres user can enter) and the tiny project logging to it."""
+    base = Path(tempfile.mkdtemp(prefix="cifarcnn-team-"))
+    os.chmod(base, 0o755)  # PostgreSQL runs as the postgres user when the tests run as root
+    stack = Stack(base / ".team")
+    started = time.monotonic()
+    state = stack.start()
+    MEASURED["stack_start_s"] = round(time.monotonic() - started, 1)
+    MEASURED.update({f"start_{k}_s": v for k, v in state["seconds"].items()})
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(stack.client_env())  # this process's MlflowClient reads the server and credentials here
+    try:
+        with tiny_project(tmp_path_factory.mktemp("team")) as (repo, env):
+            env = {**env, **stack.client_env()}
+            yield stack, repo, env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        pids = list(stack.state()["pids"].values()) if stack.state_file.exists() else []
+        stack.stop()
+        leftover = [pid for pid in pids if _alive(pid)]
+        shutil.rmtree(base, ignore_errors=True)
+        print(f"\nteam stack measurements: {json.dumps(MEASURED)}")
+        assert not leftover, f"still running after stop: {leftover}"
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def experiment_runs(name: str = EXPERIMENT) -> list:
+    exp = client().get_experiment_by_name(name)
+    return client().search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def test_stack_refuses_requests_without_credentials(team):
+    stack, _, _ = team
+    state = stack.state()
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{state['mlflow_uri']}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+    assert err.value.code == 401
+    import boto3
+    import botocore
+    from botocore.config import Config
+
+    anonymous = boto3.client("s3", endpoint_url=state["s3_url"], region_name="us-east-1",
+                             config=Config(signature_version=botocore.UNSIGNED))
+    with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+        anonymous.list_objects_v2(Bucket="mlflow")
+    secrets = (stack.dir / "secrets.env").read_text()
+    assert oct(os.stat(stack.dir / "secrets.env").st_mode & 0o777) == "0o600"
+    assert stack.secrets()["TEAM_MLFLOW_PASSWORD"] in secrets
+
+
+def _restart_when(stack: Stack, service: str, ready, record: dict) -> threading.Thread:
+    """Restart ``service`` once ``ready()`` holds (polled); notes when and how long it was away."""
+    def watch():
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            try:
+                if ready():
+                    break
+            except Exception:  # noqa: BLE001 - the server may be busy; look again
+                pass
+            time.sleep(0.3)
+        else:
+            return
+        record["away_s"] = round(stack.restart(service), 1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _history_steps(run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client().get_metric_history(run_id, key))
+
+
+def test_pipeline_logs_everything_to_the_server_through_a_restart(team):
+    """`dvc repro` with MLFLOW_TRACKING_URI and credentials set; `mlflow server` is restarted
+    while task4a trains: training goes on, and every metric of every run lands."""
+    stack, repo, env = team
+    restart: dict = {}
+
+    def task4a_training() -> bool:
+        runs = [r for r in experiment_runs() if r.data.tags.get("dvc_stage") == "train@task4a-0"
+                and r.info.status == "RUNNING"]
+        if runs and _history_steps(runs[0].info.run_id, "curves/train_loss"):
+            restart["run_id"] = runs[0].info.run_id
+            return True
+        return False
+
+    watcher = _restart_when(stack, "mlflow", task4a_training, restart)
+    started = time.monotonic()
+    sh(["dvc", "repro"], repo, env)
+    MEASURED["repro_s"] = round(time.monotonic() - started, 1)
+    watcher.join(timeout=60)
+    assert "away_s" in restart, "mlflow server was not restarted while task4a trained"
+    MEASURED["mlflow_restart_away_s"] = restart["away_s"]
+    assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()  # all on the server
+
+    runs = {r.data.tags.get("dvc_stage"): r for r in experiment_runs()}
+    for name in RUNS:
+        info = merged(repo / "results" / name / "seed0", "train.json", "run.json")
+        evaluation = json.loads((repo / "results" / name / "seed0" / "eval.json").read_text())
+        run = runs[f"train@{name}-0"]
+        assert run.info.run_id == info["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert _history_steps(run.info.run_id, "curves/train_loss") == list(range(1, info["steps"] + 1)), name
+        assert len(_history_steps(run.info.run_id, "curves/val_acc")) == len(
+            (repo / "results" / name / "seed0" / "curves.csv").read_text().splitlines()) - 1, name
+        assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
+    assert restart["run_id"] == runs["train@task4a-0"].info.run_id  # the run that lived through the restart
+    exp = client().get_experiment_by_name(EXPERIMENT)
+    assert exp.artifact_location.startswith("mlflow-artifacts:")  # the server's: no checkout path in it
+
+    # The objects are in the bucket, under the server's artifact root.
+    s3 = stack._s3(stack.state())
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
+            for o in page.get("Contents", [])]
+    for name in RUNS:
+        run_id = runs[f"train@{name}-0"].info.run_id
+        assert any(k.endswith(f"{run_id}/artifacts/checkpoint/best.pt") for k in keys), name
+        assert any(run_id in k and k.endswith("curves.png") for k in keys), name
+    versions = client().search_model_versions("name = 'cifar10-task3e'")
+    assert versions and versions[0].run_id == runs["train@task3e-0"].info.run_id
+    MEASURED["bucket_objects"] = len(keys)
+
+
+def test_dvc_remote_push_clone_pull_repro_nothing(team, tmp_path):
+    """A DVC remote on the same store: push fails in one line while the store is down, works
+    once it is back; a fresh clone pulls everything and `dvc repro` trains nothing."""
+    stack, repo, env = team
+    stack.configure_dvc_remote(repo)
+    assert stack.secrets()["TEAM_S3_SECRET_KEY"] not in (repo / ".dvc" / "config").read_text()  # in config.local
+    for args in (["git", "add", "-A"], ["git", "commit", "-qm", "results and the team remote"]):
+        sh(args, repo, env)
+
+    stack.stop_service("s3")
+    started = time.monotonic()
+    failed = sh(["dvc", "push"], repo, env, timeout=300, ok=False)
+    MEASURED["push_store_down_s"] = round(time.monotonic() - started, 1)
+    errors = [line for line in failed.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and f"Could not connect to the endpoint URL: \"{stack.state()['s3_url']}" in errors[0], failed
+    stack.start_service("s3")
+    started = time.monotonic()
+    pushed = sh(["dvc", "push"], repo, env, timeout=300)
+    MEASURED["push_s"] = round(time.monotonic() - started, 1)
+    assert re.search(r"\d+ files? pushed", pushed), pushed
+
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    pull_env = {**env, **stack.s3_env()}  # a teammate's keys: from the environment (or config.local)
+    started = time.monotonic()
+    pulled = sh(["dvc", "pull"], clone, pull_env, timeout=300)
+    MEASURED["pull_s"] = round(time.monotonic() - started, 1)
+    assert (clone / "models" / "task3e" / "seed0" / "best.pt").read_bytes() == \
+        (repo / "models" / "task3e" / "seed0" / "best.pt").read_bytes(), pulled
+    again = sh(["dvc", "repro"], clone, pull_env)
+    assert "Running stage" not in again, again
+
+
+def test_queued_sweep_runs_two_at_once_through_a_database_restart(team, tmp_path):
+    """`dvc exp run --queue` for three learning rates, `dvc queue start -j 2`; PostgreSQL restarts
+    while they train. Every run is on the server with its lr and its whole history, and an
+    experiment travels to a teammate with `dvc exp push` / `dvc exp pull` through the git remote."""
+    stack, repo, env = team
+    before = {r.info.run_id for r in experiment_runs()}
+    rates = ["0.004", "0.005", "0.006"]
+    for lr in rates:
+        sh(["dvc", "exp", "run", "--queue", "-S", f"lr={lr}"], repo, env)
+    restart: dict = {}
+
+    def sweep_training() -> bool:
+        return any(r.info.status == "RUNNING" and r.data.tags.get("dvc_stage") == "train@task3e-0"
+                   for r in experiment_runs() if r.info.run_id not in before)
+
+    watcher = _restart_when(stack, "postgres", sweep_training, restart)
+    started = time.monotonic()
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=120)  # its workers outlive it
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            status = sh(["dvc", "queue", "status"], repo, env)
+            if status.count("Success") + status.count("Failed") >= 3 and "0 active" in status:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(3)
+        assert status.count("Success") == 3, status
+    finally:
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)
+    MEASURED["sweep_s"] = round(time.monotonic() - started, 1)
+    watcher.join(timeout=60)
+    assert "away_s" in restart, "PostgreSQL was not restarted during the sweep"
+    MEASURED["postgres_restart_away_s"] = restart["away_s"]
+
+    workspace = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")
+    trained = [r for r in experiment_runs() if r.info.run_id not in before
+               and r.data.tags.get("dvc_stage") == "train@task3e-0"]
+    assert sorted(r.data.params["lr"] for r in trained) == ["0.004", "0.005", "0.006"]
+    for run in trained:
+        assert run.info.status == "FINISHED"
+        assert _history_steps(run.info.run_id, "curves/train_loss") == list(range(1, workspace["steps"] + 1))
+        assert "scores/test_acc" in run.data.metrics  # its evaluate stage logged too
+    spans = sorted((r.info.start_time, r.info.end_time) for r in trained)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans  # two at once
+
+    origin = tmp_path / "origin.git"
+    sh(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
+    sh(["git", "remote", "add", "origin", str(origin)], repo, env)
+    sh(["git", "push", "-q", "origin", "HEAD"], repo, env)
+    name = trained[0].data.tags["dvc_exp_name"]
+    sh(["dvc", "exp", "push", "origin", name], repo, env)  # the experiment's git ref, and its outputs to the remote
+    mate = tmp_path / "teammate"
+    sh(["git", "clone", "-q", str(origin), str(mate)], tmp_path, env)
+    sh(["dvc", "exp", "pull", "origin", name], mate, {**env, **stack.s3_env()})
+    assert name in sh(["dvc", "exp", "list", "--name-only"], mate, env)
