@@ -71,9 +71,11 @@ def team(tmp_path_factory):
 
 
 def client():
+    """A client on the team server (named explicitly: earlier tests in this process have set
+    mlflow's global tracking URI to their own stores); the credentials come from the environment."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient()
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
 
 def experiment_runs(name: str = EXPERIMENT) -> list:
