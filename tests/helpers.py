@@ -13,6 +13,19 @@ from cifarcnn.data import Dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def sh(args: list[str], cwd: Path, env: dict, timeout: int = 1200, ok: bool = True) -> str:
+    """Run a command the way a user would; its output, after asserting it succeeded (``ok``) or failed."""
+    import subprocess
+
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    if ok:
+        assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{output[-6000:]}"
+    else:
+        assert proc.returncode != 0, f"{' '.join(args)} should have failed:\n{output[-3000:]}"
+    return output
+
+
 def merged(folder: Path, metrics_file: str, beside: str) -> dict:
     """A stage's metrics file (numbers only) with the non-numbers written beside it."""
     import json

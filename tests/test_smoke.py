@@ -18,19 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 from fixtures import tiny_project
-from helpers import merged, training_runs
+from helpers import merged, sh, training_runs
 from mlflow.tracking import MlflowClient
+
+from cifarcnn.teamstack import free_port
 
 pytestmark = pytest.mark.smoke
 EXPERIMENT = "cifar10-cnn-report"
 RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout", "task3e", "task4a"]
-
-
-def sh(args: list[str], cwd: Path, env: dict, timeout: int = 1500) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{output[-6000:]}"
-    return output
 
 
 def ran_stages(output: str) -> list[str]:
@@ -202,13 +197,6 @@ def test_mlflow_runs_hold_evaluation_metrics(project):
             break
     else:
         raise AssertionError("no task2 run holds the evaluation")
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

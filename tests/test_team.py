@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from fixtures import tiny_project
-from helpers import merged
+from helpers import merged, sh
 
 from cifarcnn.teamstack import Stack, _alive
 
@@ -28,16 +28,6 @@ pytestmark = pytest.mark.smoke
 EXPERIMENT = "cifar10-cnn-report"
 RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout", "task3e", "task4a"]
 MEASURED: dict[str, float] = {}  # printed at the end: what the closing note quotes
-
-
-def sh(args: list[str], cwd: Path, env: dict, timeout: int = 1200, ok: bool = True) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
-    if ok:
-        assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{output[-6000:]}"
-    else:
-        assert proc.returncode != 0, f"{' '.join(args)} should have failed:\n{output[-3000:]}"
-    return output
 
 
 @pytest.fixture(scope="module")

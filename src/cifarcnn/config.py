@@ -24,7 +24,6 @@ from .models import get_model_fn, has_pretrained, model_params
 PARAMS_FILE = "params.yaml"
 
 # Strict scalars: YAML's `true` is no integer and `"0.1"` no number (an int is a fine float).
-Int = Annotated[int, Strict()]
 PositiveInt = Annotated[int, Strict(), Field(ge=1)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 Number = Annotated[float, Strict()]
@@ -117,6 +116,10 @@ class TrainSection(Section):
         if len(set(seeds)) != len(seeds):
             raise PydanticCustomError("repeated", "each seed once, got {seeds}", {"seeds": seeds})
         return seeds
+
+
+class _Seed(Section):
+    seed: NonNegativeInt
 
 
 class MlflowSection(Section):
@@ -393,10 +396,6 @@ def resolve_run(params: dict, name: str, seed: int | None = None) -> RunConfig:
         data_params={k: data.get(k) for k in ("source", "subset")},
         registered_model=spec.registered_model, describes=spec.describes,
     )
-
-
-class _Seed(Section):
-    seed: NonNegativeInt
 
 
 def resolve_all(params: dict) -> dict[str, RunConfig]:

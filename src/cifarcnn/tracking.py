@@ -28,10 +28,9 @@ from .errors import UserError  # noqa: E402
 # MLflow metric names, grouped by what comes before the last "/". The charts view shows one
 # section per group, in alphabetical order (the ungrouped last), so the training curves come
 # first, then the best checkpoint's scores (the evaluate stage owns them), its per-class test
-# accuracy, a parent run's aggregates over its seeds, and the time spent logging.
+# accuracy (scores/test_acc/<class>), a parent run's aggregates over its seeds, and the time spent logging.
 CURVES = "curves/"  # per training step: train_loss; per validation: val_loss, val_acc, epoch
 SCORES = "scores/"  # the best checkpoint on every split: train_acc, val_loss, test_acc, ...
-CLASS_SCORES = SCORES + "test_acc/"  # + class name
 SEEDS = "seeds/"  # on a run's parent: n, mean_test_acc, sd_test_acc, ...
 TIMING = "timing/"  # mlflow_logging_seconds, mlflow_logging_share
 
@@ -434,7 +433,7 @@ def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: 
               f"into a new run {run.run_id}")
     flat = {k: v for k, v in metrics.items() if k.endswith(("_acc", "_loss", "_aug"))}
     flat.update({f"test_acc/{c}": v for c, v in metrics.get("test_class_acc", {}).items() if v is not None})
-    run.log_summary(flat, prefix=SCORES)  # per class: CLASS_SCORES + class
+    run.log_summary(flat, prefix=SCORES)  # per class: scores/test_acc/<class>
     for path in artifacts:
         run.log_artifact(path)
     if run.run_id != run_id:
