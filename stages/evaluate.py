@@ -10,7 +10,7 @@ Drawing here, not in the train stage, means a change to a plot never re-trains a
 import json
 import sys
 
-from cifarcnn import figures
+from cifarcnn import figures, stageclock
 from cifarcnn.config import load_params, run_dirs
 from cifarcnn.data import Dataset
 from cifarcnn.errors import cli
@@ -24,16 +24,18 @@ from cifarcnn.tracking import log_evaluation
 def main(run_name: str, seed: str) -> None:
     params = load_params()
     models, results = run_dirs(run_name, int(seed))
-    metrics = evaluate_checkpoint(models / "best.pt", Dataset.load("data/cifar10.npz"), params["train"]["device"])
+    with stageclock.work():
+        metrics = evaluate_checkpoint(models / "best.pt", Dataset.load("data/cifar10.npz"), params["train"]["device"])
     train_info = json.loads((results / "run.json").read_text())
     curves = load_curves(results)
     with staged_outputs(results) as staged:  # the three outputs appear together, or none
-        pngs = [
-            figures.training_curves(curves["blocks"], curves["validations"], metrics, train_info.get("title", run_name),
-                                    staged / "curves.png"),
-            figures.confusion(metrics["test_confusion"], metrics["classes"],
-                              f"{run_name} seed {seed}: test accuracy {metrics['test_acc']:.2%}", staged / "confusion.png"),
-        ]
+        with stageclock.work():
+            pngs = [
+                figures.training_curves(curves["blocks"], curves["validations"], metrics, train_info.get("title", run_name),
+                                        staged / "curves.png"),
+                figures.confusion(metrics["test_confusion"], metrics["classes"],
+                                  f"{run_name} seed {seed}: test accuracy {metrics['test_acc']:.2%}", staged / "confusion.png"),
+            ]
         metrics["mlflow_run_id"] = log_evaluation(params["mlflow"]["experiment"], f"{run_name}-{seed}",
                                                   train_info.get("mlflow_run_id"), metrics, pngs)
         write_text(staged / "predictions.csv", predictions_csv(metrics.pop("test_actual"), metrics.pop("test_predicted"),

@@ -5,6 +5,8 @@ import functools
 import sys
 from typing import Callable
 
+from . import stageclock
+
 
 class UserError(Exception):
     """A problem the user can fix (bad params, a bad file, a missing download).
@@ -22,8 +24,10 @@ def cli(main: Callable[..., object]) -> Callable[..., None]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> None:
+        stageclock.mark("main")  # bench/stage_overhead.py: what came before this is start-up and imports
         try:
             main(*args, **kwargs)
+            stageclock.mark("main_end")
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)

@@ -16,6 +16,7 @@ from pathlib import Path
 from .batches import validation_indices
 from .config import RunConfig, config_digest
 from .data import Dataset
+from . import stageclock
 from .fsutil import csv_text, split_metrics, staged_outputs, write_json, write_text
 from .tracking import PARENT_TAG, TIMING, MlflowRun, parent_run, repo_root, run_tags
 from .training import BEST, RESUME, data_fingerprint, load_checkpoint, resolve_device, train
@@ -51,8 +52,9 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
             "subset": str(cfg.data_params.get("subset")), "train_images": str(len(ds.train_y) - n_val),
             "val_images": str(n_val), "test_images": str(len(ds.test_y)), "order": ds.train_order})
         run.log_params(cfg.flat_params())  # the last call before training that waits for the store
-        result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
-                       resume_dir=resume_in, keep_resume=True, score=False, resume_state=state)  # the evaluate stage scores it
+        with stageclock.work():
+            result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
+                           resume_dir=resume_in, keep_resume=True, score=False, resume_state=state)  # evaluate scores it
         logging_seconds = run.seconds  # params + per-step/validation metrics, during training
         metrics = {**result.metrics, "mlflow_run_id": run.run_id, "mlflow_parent_run_id": parent,
                    "resumed_from_step": result.resumed_from_step,
