@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cifarcnn.config import load_params, resolve_run
-from cifarcnn.data import prepare
+from cifarcnn.ingest import prepare
 from cifarcnn.training import train
 
 DEFAULT_RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout", "task3e"]

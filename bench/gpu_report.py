@@ -43,7 +43,8 @@ from cifarcnn import figures
 from cifarcnn.augment import draw_augment
 from cifarcnn.batches import epoch_batches, make_splits, training_inputs, validation_indices
 from cifarcnn.config import load_params, resolve_run
-from cifarcnn.data import Dataset, prepare, take_subset
+from cifarcnn.data import Dataset
+from cifarcnn.ingest import prepare, take_subset
 from cifarcnn.evaluation import evaluate_checkpoint
 from cifarcnn.models import create_model
 from cifarcnn.training import AUGMENT_AHEAD_STEPS, make_optimizer, train

@@ -21,7 +21,8 @@ import torch
 
 from cifarcnn.batches import split_record
 from cifarcnn.config import load_params
-from cifarcnn.data import Dataset, prepare
+from cifarcnn.data import Dataset
+from cifarcnn.ingest import prepare
 from cifarcnn.evaluation import evaluate_checkpoint
 from gpu_report import SMALL_SIX, Report, run_config, sync, timed_train
 

@@ -2,7 +2,8 @@
 
 Builds the tiny project the tests use (the tracked files, 300 generated images served on
 127.0.0.1, one epoch, resnet_weights: none), runs `dvc repro` from scratch with
-CIFARCNN_STAGE_CLOCK set (cifarcnn.stageclock: each stage process records its marks) and
+CIFARCNN_STAGE_CLOCK set and bench/stageclock/ on PYTHONPATH (its sitecustomize records each
+stage process's marks: the audit events of cifarcnn.errors) and
 splits every stage's time into:
 
 - imports: process start -> the stage's main (interpreter start and imports);
@@ -61,7 +62,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, tiny_project(Path(tmp)) as (repo, env):
         clock = Path(tmp) / "clock.jsonl"
-        env = {**env, "CIFARCNN_STAGE_CLOCK": str(clock)}
+        # The copy's own package, not the editable install's checkout: the code measured is the code copied.
+        env = {**env, "CIFARCNN_STAGE_CLOCK": str(clock),
+               "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(ROOT / "bench" / "stageclock")])}
         load_before = os.getloadavg()
         started = time.time()
         proc = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)

@@ -29,7 +29,8 @@ from cifarcnn.augment import apply_augment, draw_augment
 from cifarcnn.batches import Preprocess, epoch_batches, to_device_split
 from cifarcnn.config import load_params, resolve_run
 from cifarcnn.models import create_model
-from cifarcnn.training import make_optimizer, resolve_device, use_channels_last
+from cifarcnn.device import resolve_device, use_channels_last
+from cifarcnn.training import make_optimizer
 
 
 class PilDataset(torch.utils.data.Dataset):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cifarcnn.assets import PHOTO, fetch_photo, fetch_resnet_weights
 from cifarcnn.config import load_params, resolve_data, resolve_resnet_weights, resolve_viz
-from cifarcnn.data import prepare
+from cifarcnn.ingest import prepare
 from cifarcnn.errors import cli
 
 OUT = Path("data/cifar10.npz")

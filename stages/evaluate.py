@@ -3,20 +3,23 @@
 
 Writes results/<run>/seed<seed>/eval.json (the numbers), eval_detail.json (per class, confusion matrix,
 ids), predictions.csv (DVC's confusion plot), the training-curves figure (curves.png, the
-report's style) and confusion.png, all together or none, and logs the numbers and both
-figures into the run's MLflow run (the id from run.json).
-Drawing here, not in the train stage, means a change to a plot never re-trains a model.
+report's style) and confusion.png, all together or none. Logs the numbers, both figures and the
+usable model (cifarcnn.serving; registered when the run names a registry entry) into the seed's
+MLflow run (the id from run.json). Drawing and model logging here, not in the train stage, mean
+a change to a plot or to the served model's wrapper never re-trains a model.
 """
 import json
 import sys
 
-from cifarcnn import figures, stageclock
-from cifarcnn.config import load_params, run_dirs
+from cifarcnn import figures
+from cifarcnn.checkpoint import verified_checkpoint
+from cifarcnn.config import load_params
 from cifarcnn.data import Dataset
-from cifarcnn.errors import cli
+from cifarcnn.errors import cli, work
 from cifarcnn.evaluation import EVAL_METRICS, evaluate_checkpoint, predictions_csv
 from cifarcnn.fsutil import split_metrics, staged_outputs, write_json, write_text
-from cifarcnn.report import load_curves
+from cifarcnn.runfiles import BEST, load_curves, run_dirs
+from cifarcnn.serving import log_classifier
 from cifarcnn.tracking import log_evaluation
 
 
@@ -24,20 +27,24 @@ from cifarcnn.tracking import log_evaluation
 def main(run_name: str, seed: str) -> None:
     params = load_params()
     models, results = run_dirs(run_name, int(seed))
-    with stageclock.work():
-        metrics = evaluate_checkpoint(models / "best.pt", Dataset.load("data/cifar10.npz"), params["train"]["device"])
     train_info = json.loads((results / "run.json").read_text())
+    best = verified_checkpoint(models / BEST, train_info.get("checkpoint_sha256"), f"train@{run_name}-{seed}")
+    ds = Dataset.load("data/cifar10.npz")
+    with work():
+        metrics = evaluate_checkpoint(best, ds, params["train"]["device"])
     curves = load_curves(results)
-    with staged_outputs(results) as staged:  # the three outputs appear together, or none
-        with stageclock.work():
+    with staged_outputs(results) as staged:  # the outputs appear together, or none
+        with work():
             pngs = [
                 figures.training_curves(curves["blocks"], curves["validations"], metrics, train_info.get("title", run_name),
                                         staged / "curves.png"),
                 figures.confusion(metrics["test_confusion"], metrics["classes"],
                                   f"{run_name} seed {seed}: test accuracy {metrics['test_acc']:.2%}", staged / "confusion.png"),
             ]
+        model = (lambda: log_classifier(best, ds.classes, ds.test_x[:2], train_info.get("registered_model")),  # 2 real images
+                 train_info["checkpoint_sha256"]) if train_info.get("checkpoint_sha256") else None
         metrics["mlflow_run_id"] = log_evaluation(params["mlflow"]["experiment"], f"{run_name}-{seed}",
-                                                  train_info.get("mlflow_run_id"), metrics, pngs)
+                                                  train_info.get("mlflow_run_id"), metrics, pngs, model)
         write_text(staged / "predictions.csv", predictions_csv(metrics.pop("test_actual"), metrics.pop("test_predicted"),
                                                               metrics["classes"]))
         numbers, detail = split_metrics(metrics, EVAL_METRICS)

@@ -11,10 +11,11 @@ import shutil
 from pathlib import Path
 
 from cifarcnn import figures
-from cifarcnn.config import RunConfig, config_digest, load_params, resolve_seeds, run_dirs, run_names
+from cifarcnn.config import RunConfig, config_digest, load_params, resolve_seeds, run_names
 from cifarcnn.errors import UserError, cli
 from cifarcnn.fsutil import csv_text, write_text
-from cifarcnn.report import aggregates, load_curves, load_results, mean_curves, results_markdown
+from cifarcnn.report import aggregates, load_results, mean_curves, results_markdown
+from cifarcnn.runfiles import load_curves, run_dirs
 from cifarcnn.tracking import log_aggregates
 
 RESULTS, REPORTS = Path("results"), Path("reports")

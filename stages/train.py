@@ -10,10 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from cifarcnn.config import RunConfig, run_dirs
+from cifarcnn.config import RunConfig
 from cifarcnn.data import Dataset
 from cifarcnn.errors import UserError, cli
 from cifarcnn.pipeline import train_and_track
+from cifarcnn.runfiles import run_dirs
 
 DATA = Path("data/cifar10.npz")
 

@@ -9,21 +9,22 @@ from pathlib import Path
 import torch
 
 from cifarcnn import figures
-from cifarcnn.assets import PHOTO
-from cifarcnn.config import load_params, pretrained_choice, resolve_resnet_weights, resolve_viz, run_dirs
+from cifarcnn.checkpoint import load_best_model
+from cifarcnn.config import load_params, pretrained_choice, resolve_resnet_weights, resolve_viz
 from cifarcnn.errors import cli
 from cifarcnn.fsutil import write_json
 from cifarcnn.models import create_model
-from cifarcnn.training import load_best_model
+from cifarcnn.runfiles import BEST, run_dirs
 from cifarcnn.visualize import visualize
 
 FIGURES = Path("reports/figures")
+PHOTO = Path("data/viz_image")  # written by the download stage (a dep in dvc.yaml)
 
 
 @cli
 def main(seed: str) -> None:
     params = load_params()
-    task4a = run_dirs("task4a", int(seed))[0] / "best.pt"
+    task4a = run_dirs("task4a", int(seed))[0] / BEST
     viz, weights = resolve_viz(params), resolve_resnet_weights(params)
     models = {"": (create_model("resnet18_transfer", pretrained=pretrained_choice(weights)), f"ResNet18, {weights} weights")}
     if task4a.exists():

@@ -17,7 +17,8 @@ from fixtures import CLASSES, serve_directory, tar_with_member, write_archive, w
 from helpers import tiny_params, write_params
 
 from cifarcnn import fetch as fetch_mod
-from cifarcnn.data import Dataset, prepare, take_subset
+from cifarcnn.data import Dataset
+from cifarcnn.ingest import prepare, take_subset
 from cifarcnn.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,7 +332,7 @@ def test_image_folder_split_says_which_order_its_indices_mean(tmp_path):
     from cifarcnn.batches import split_record
 
     write_image_folder(tmp_path / "folder", n_train=100, n_test=20)
-    ds = prepare(str(tmp_path / "folder"), None, None, tmp_path / "cifar10.npz", tmp_path / "dl")
+    prepare(str(tmp_path / "folder"), None, None, tmp_path / "cifar10.npz", tmp_path / "dl")
     order = split_record(Dataset.load(tmp_path / "cifar10.npz"), 0.1, 0)["order"]
     assert "image folder" in order and "not the official archive's order" in order
     subset = prepare(str(tmp_path / "folder"), None, 50, tmp_path / "sub.npz", tmp_path / "dl")

@@ -1,15 +1,16 @@
-"""dvc.yaml's code dependencies cannot drift from the code, and dvc.lock matches the commit.
+"""dvc.yaml's code dependencies cannot drift from the code, cache boundaries follow meaning, and
+dvc.lock matches the commit.
 
 Each stage's deps under stages/ and src/ must be exactly its script plus every project module
-the script imports, directly or transitively (read from the source by cifarcnn.codedeps).
-A missing one means an edit that changes results re-runs nothing; a superfluous one re-runs
-stages for nothing.
+the script imports, directly or transitively (read from the source by cifarcnn.codedeps;
+`python -m cifarcnn.cachemap --write` rewrites them). A missing one means an edit that changes
+results re-runs nothing; a superfluous one re-runs stages for nothing.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,45 +20,70 @@ import pytest
 import yaml
 from helpers import ROOT
 
-from cifarcnn.codedeps import direct_imports, project_modules
+from cifarcnn import cachemap
+from cifarcnn.config import load_params, run_names
+from cifarcnn.codedeps import PACKAGE, direct_imports, project_modules
+
+STAGES = cachemap.stage_scripts(ROOT / "dvc.yaml")
 
 
-def stages() -> dict[str, tuple[str, set[str]]]:
-    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    out = {}
-    for name, stage in spec["stages"].items():
-        body = stage.get("do", stage)
-        script = re.search(r"python (stages/\w+\.py)", body["cmd"]).group(1)
-        out[name] = (script, {d for d in body["deps"] if isinstance(d, str) and d.startswith(("src/", "stages/"))})
-    return out
-
-
-def derived(script: str) -> set[str]:
-    return {script} | {f"src/cifarcnn/{p.name}" for p in project_modules(ROOT / script)}
-
-
-@pytest.mark.parametrize("name", list(stages()))
+@pytest.mark.parametrize("name", list(STAGES))
 def test_stage_code_deps_are_exactly_what_its_script_imports(name):
-    script, listed = stages()[name]
-    expected = derived(script)
-    assert not expected - listed, f"{name}: dvc.yaml lacks {sorted(expected - listed)}"
-    assert not listed - expected, f"{name}: dvc.yaml lists {sorted(listed - expected)}, which {script} does not import"
+    script, listed = STAGES[name]
+    expected = set(cachemap.code_deps(script))
+    assert not expected - set(listed), f"{name}: dvc.yaml lacks {sorted(expected - set(listed))}"
+    assert not set(listed) - expected, f"{name}: dvc.yaml lists {sorted(set(listed) - expected)}, which {script} does not import"
 
 
 def test_every_stage_script_has_a_stage():
-    assert {s for s, _ in stages().values()} == {f"stages/{p.name}" for p in (ROOT / "stages").glob("*.py")}
+    assert {s for s, _ in STAGES.values()} == {f"stages/{p.name}" for p in (ROOT / "stages").glob("*.py")}
 
 
 def test_import_reading_follows_every_form(tmp_path):
     """Absolute, from-package, relative and function-level imports are all seen, transitively."""
     assert direct_imports(ROOT / "stages" / "evaluate.py") >= {"cifarcnn.figures", "cifarcnn.evaluation", "cifarcnn.fsutil"}
-    train = derived("stages/train.py")
-    # The modules the issue found missing: data (loading), fsutil (writing every output).
+    train = set(cachemap.code_deps("stages/train.py"))
     assert {"src/cifarcnn/data.py", "src/cifarcnn/fsutil.py", "src/cifarcnn/step.py"} <= train
-    assert "src/cifarcnn/report.py" not in train and "src/cifarcnn/visualize.py" not in train
     script = tmp_path / "s.py"
     script.write_text("def f():\n    import cifarcnn.convmath\n")
     assert {p.name for p in project_modules(script)} >= {"convmath.py", "__init__.py"}
+
+
+def test_the_module_table_is_current():
+    """docs/cache_boundaries.md is what `python -m cifarcnn.cachemap --write` makes of dvc.yaml."""
+    assert (ROOT / "docs" / "cache_boundaries.md").read_text() == cachemap.table(ROOT / "dvc.yaml")
+
+
+def test_cache_boundaries_follow_meaning():
+    """No edit to the report, its statistics, the figures, the served model's wrapper, the
+    downloader or the team stack re-trains a model; the report's text and statistics re-run the
+    report (and calculations, which renders Task 1) and nothing else."""
+    reruns = cachemap.module_stages(ROOT / "dvc.yaml")
+    for module in ("report", "stats", "figures", "serving", "fetch", "ingest", "assets", "teamstack", "cachemap",
+                   "convmath", "visualize", "evaluation"):
+        assert "train@<run>-<seed>" not in reruns[f"src/cifarcnn/{module}.py"], module
+    for module in ("report", "stats"):
+        assert set(reruns[f"src/cifarcnn/{module}.py"]) <= {"report", "calculations"}, module
+    assert set(reruns["src/cifarcnn/serving.py"]) == {"evaluate@<run>-<seed>"}
+    assert reruns["src/cifarcnn/teamstack.py"] == [] and reruns["src/cifarcnn/cachemap.py"] == []
+
+
+def _function_level_imports(path: Path) -> list[str]:
+    found = []
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PACKAGE)):
+                    found.append(f"{path.name}:{node.lineno} from {'.' * node.level}{node.module or ''}")
+                elif isinstance(node, ast.Import) and any(a.name.startswith(PACKAGE) for a in node.names):
+                    found.append(f"{path.name}:{node.lineno} import {node.names[0].name}")
+    return found
+
+
+def test_no_project_import_hides_inside_a_function():
+    """Every dependency between modules is at the top of a file, where a reader (and dvc.yaml) sees it."""
+    files = sorted((ROOT / "src" / PACKAGE).glob("*.py")) + sorted((ROOT / "stages").glob("*.py"))
+    assert [hit for f in files for hit in _function_level_imports(f)] == []
 
 
 def test_committed_lock_matches_the_committed_code(tmp_path):
@@ -82,8 +108,6 @@ def test_committed_lock_matches_the_committed_code(tmp_path):
 def test_top_level_plots_cover_every_run():
     """dvc.yaml's top-level plots list the runs by hand (DVC cannot fan them out): they must
     follow params.yaml's runs."""
-    from cifarcnn.config import load_params, run_names
-
     runs = set(run_names(load_params(ROOT / "params.yaml")))
     plots = {k: v for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"] for k, v in entry.items()}
     assert {f.removeprefix("reports/curves/").removesuffix(".csv") for f in plots["validation_accuracy"]["y"]} == runs
@@ -92,3 +116,10 @@ def test_top_level_plots_cover_every_run():
     assert {f for k, p in plots.items() if k.startswith("confusion_") for f in p["y"]} == {
         f"reports/curves/{r}_predictions.csv" for r in runs}
     assert all(p.get("title") and p.get("x_label") and p.get("y_label") for p in plots.values())
+
+
+def test_configure_lists_every_param_a_run_takes():
+    """The one configure stage re-runs when a knob that a run reads through `{param: ...}` changes."""
+    params = load_params(ROOT / "params.yaml")
+    listed = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["configure"]["params"]
+    assert {spec["takes_param"] for spec in params["runs"].values()} <= set(listed)

@@ -13,8 +13,9 @@ from PIL import Image
 from cifarcnn import assets, report
 from cifarcnn.errors import UserError
 from cifarcnn.evaluation import confusion_matrix, evaluate_checkpoint
-from cifarcnn.fetch import file_digest
-from cifarcnn.training import BEST, train
+from cifarcnn.fsutil import file_digest
+from cifarcnn.runfiles import BEST
+from cifarcnn.training import train
 
 
 def test_confusion_matrix_counts():
@@ -41,7 +42,8 @@ def test_augmented_runs_are_also_scored_on_augmented_train_and_val(tmp_path):
     import torch
 
     from cifarcnn.batches import Preprocess, make_splits
-    from cifarcnn.training import load_best_model, predict
+    from cifarcnn.checkpoint import load_best_model
+    from cifarcnn.scoring import predict
 
     ds = tiny_dataset(200, 50)
     train(tiny_run("task3e"), ds, tmp_path / "e")

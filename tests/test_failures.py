@@ -16,7 +16,7 @@ import pytest
 from helpers import ROOT, tiny_dataset, tiny_params, tiny_run, training_runs, write_params
 from mlflow.tracking import MlflowClient
 
-from cifarcnn import pipeline, tracking
+from cifarcnn import pipeline, tracking, training
 from cifarcnn.errors import UserError
 from cifarcnn.fsutil import staged_outputs, write_json, write_text
 from cifarcnn.pipeline import train_and_track
@@ -237,7 +237,6 @@ def test_store_down_at_the_end_keeps_the_training_and_the_next_run_only_logs(sto
     monkeypatch.setattr(tracking.MlflowRun, "_write", real_write)
     (store / "models" / "best.pt").unlink()  # as DVC does before it runs the stage again
     capsys.readouterr()
-    from cifarcnn import training
     reads, real_load = [], training.load_checkpoint
 
     def counted(path):

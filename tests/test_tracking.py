@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from helpers import merged, tiny_dataset, tiny_run
@@ -64,22 +65,8 @@ def test_training_run_contents(store):
     assert [m.step for m in val] == [4, 8]
     assert "test_acc" not in metrics and not [k for k in run.data.metrics if k.startswith(("final_", "scores/"))]
     assert not [k for k in run.data.metrics if "best_val" in k]  # the evaluate stage scores the checkpoint, once
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "checkpoint" in artifacts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/best.pt"]
-    # The logged model is a pyfunc: raw uint8 images of any size in, class names and probabilities out.
-    import mlflow
-    import numpy as np
-    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
-    assert sorted(m.source_run_id for m in models) == sorted([run.info.run_id, seed1["mlflow_run_id"]])  # one each
-    model = mlflow.pyfunc.load_model(next(m for m in models if m.source_run_id == run.info.run_id).model_uri)
-    ds = tiny_dataset(300, 60)
-    out = model.predict(ds.test_x[:5])
-    assert list(out.columns) == ["class", *ds.classes] and len(out) == 5
-    assert np.allclose(out[ds.classes].sum(axis=1), 1.0) and set(out["class"]) <= set(ds.classes)
-    schema = model.metadata.get_input_schema().inputs[0]
-    assert schema.type == np.dtype(np.uint8) and schema.shape == (-1, -1, -1, 3)
-    assert len(model.predict(np.zeros((2, 48, 40, 3), np.uint8))) == 2  # another size: resized inside
+    # The model is logged by the evaluate stage, which scored it: training depends on no serving code.
+    assert client.list_artifacts(run.info.run_id) == [] and tags.get(tracking.MODEL_TAG) is None
     # Results written for DVC, pointing back at the run.
     written = merged(store / "results" / "task2", "train.json", "run.json")
     assert written["mlflow_run_id"] == run.info.run_id
@@ -114,7 +101,40 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     run = client.get_run(trained["mlflow_run_id"])
     assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
     assert run.data.metrics["scores/val_loss"] == pytest.approx(evaluation["val_loss"])
-    assert {"curves.png", "confusion.png", "checkpoint"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"curves.png", "confusion.png"}
+    # One copy of the checkpoint in MLflow: inside the logged model, a pyfunc (raw uint8 images of
+    # any size in, class names and probabilities out), tagged with the checkpoint's digest.
+    import mlflow
+    import numpy as np
+    assert run.data.tags[tracking.MODEL_TAG] == trained["checkpoint_sha256"]
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+    model = mlflow.pyfunc.load_model(models[0].model_uri)
+    out = model.predict(ds.test_x[:5])
+    assert list(out.columns) == ["class", *ds.classes] and len(out) == 5
+    assert np.allclose(out[ds.classes].sum(axis=1), 1.0) and set(out["class"]) <= set(ds.classes)
+    schema = model.metadata.get_input_schema().inputs[0]
+    assert schema.type == np.dtype(np.uint8) and schema.shape == (-1, -1, -1, 3)
+    assert len(model.predict(np.zeros((2, 48, 40, 3), np.uint8))) == 2  # another size: resized inside
+    # The same checkpoint evaluated again (a figure changed): no second model.
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
+                          capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr
+    assert len(mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")) == 1
+    # A checkpoint that is not the one training wrote is never scored: one line, nothing written.
+    best = store / "models" / "task2" / "seed0" / "best.pt"
+    original = best.read_bytes()
+    data = bytearray(original)
+    data[-100] ^= 0xFF  # one byte flipped
+    best.write_bytes(bytes(data))
+    before = (store / "results" / "task2" / "seed0" / "eval.json").read_bytes()
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
+                          capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {Path('models/task2/seed0/best.pt')} is not the checkpoint `train@task2-0` wrote (its sha256 differs "
+        "from run.json's); rebuild it with `dvc repro --force train@task2-0`"]
+    assert (store / "results" / "task2" / "seed0" / "eval.json").read_bytes() == before
+    best.write_bytes(original)
     for name in ("curves.png", "confusion.png"):
         assert (store / "results" / "task2" / "seed0" / name).read_bytes().startswith(b"\x89PNG")
     # A store that lost the run (another, empty one): the evaluation goes to a new run, with a

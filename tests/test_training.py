@@ -19,7 +19,10 @@ from cifarcnn import training
 from cifarcnn.config import resolve_all
 from cifarcnn.errors import UserError
 from cifarcnn.step import GraphedStep
-from cifarcnn.training import BEST, RESUME, NonFiniteLoss, load_best_model, should_stop, train
+from cifarcnn.checkpoint import load_best_model
+from cifarcnn.device import resolve_device
+from cifarcnn.runfiles import BEST, RESUME
+from cifarcnn.training import NonFiniteLoss, should_stop, train
 
 RUNS = list(resolve_all(tiny_params()))
 
@@ -162,10 +165,10 @@ def test_load_best_model_round_trip(tmp_path):
 
 
 def test_device_auto_falls_back_to_cpu():
-    assert training.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="train.device: cuda requested but no CUDA device"):
-            training.resolve_device("cuda")
+            resolve_device("cuda")
 
 
 def test_resume_after_the_stopping_validation_does_not_train_on(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
-from .fetch import fetch, file_digest
-from .fsutil import atomic_path
+from .fetch import fetch
+from .fsutil import atomic_path, file_digest
 from .models import RESNET18_IMAGENET_FILE, RESNET18_IMAGENET_SHA256, RESNET18_IMAGENET_URL
 
 PRETRAINED_DIR = RESNET18_IMAGENET_FILE.parent  # a DVC output: the weights file, or empty

@@ -334,11 +334,6 @@ def run_names(params: dict) -> list[str]:
     return list(_section(params, "runs"))
 
 
-def run_dirs(run_name: str, seed: int) -> tuple[Path, Path]:
-    """(models/<run>/seed<seed>, results/<run>/seed<seed>): where one seed of a run lives."""
-    return Path("models") / run_name / f"seed{seed}", Path("results") / run_name / f"seed{seed}"
-
-
 def config_digest(seedless: dict) -> str:
     """Identifies a run's config across its seeds (the MLflow parent run of its seeds)."""
     return hashlib.sha256(json.dumps(seedless, sort_keys=True).encode()).hexdigest()[:16]

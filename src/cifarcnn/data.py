@@ -1,31 +1,19 @@
-"""CIFAR-10 in: fetch/verify/extract/convert to one ``.npz``, and load it back into memory.
+"""The dataset file every stage reads: ``data/cifar10.npz``, loaded whole into memory.
 
-Sources (``data.source``): the official python archive by URL or local path, its extracted
-folder, or an image-folder tree (``train/<class>/*.png|jpg``, ``test/<class>/...``).
+Writing it from a source (``data.source``) is the download stage's job (cifarcnn.ingest), so
+the stages that only read it do not depend on the downloader's code.
 """
 from __future__ import annotations
 
-import pickle
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
-from .fetch import fetch, is_url
 from .fsutil import atomic_path
 
 IMAGE_SHAPE = (32, 32, 3)  # H, W, C of every CIFAR image
-TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
-TEST_BATCH = "test_batch"
-META = "batches.meta"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-ORDER_ARCHIVE = "the official archive's order (data_batch_1 ... data_batch_5), as the original indexed it"
-ORDER_FOLDER = ("an image folder's order: classes sorted by name, files sorted by name within a class "
-                "(not the official archive's order, so the original's indices pick other images)")
-TEST_PER_TRAIN = 5  # data.subset keeps N train and N / 5 test images (CIFAR's 50k / 10k ratio)
 
 
 @dataclass
@@ -74,180 +62,3 @@ class Dataset:
                 raise UserError(f"{origin}: {split} has {len(x)} images but labels of shape {y.shape}")
             if len(y) and (y.min() < 0 or y.max() >= len(self.classes)):
                 raise UserError(f"{origin}: {split} labels outside 0..{len(self.classes) - 1}")
-
-
-# --- the official python-pickle format -------------------------------------------------
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and plain containers only: a batch file cannot run code."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as fh:
-            raw = _ArrayUnpickler(fh, encoding="bytes").load()
-    except FileNotFoundError:
-        raise UserError(f"missing batch file {path.name} in {path.parent}") from None
-    except Exception as err:  # truncated or not a pickle
-        raise UserError(f"{path}: not a readable CIFAR batch file ({err})") from err
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a dict, found {type(raw).__name__}")
-    # Keys are bytes when pickled by Python 2 (the official archive), str otherwise.
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
-
-
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    batch = _unpickle(path)
-    try:
-        flat = np.asarray(batch["data"], dtype=np.uint8)
-        labels = np.asarray(batch["labels"], dtype=np.int64)
-    except KeyError as err:
-        raise UserError(f"{path}: batch has no {err.args[0]!r} entry") from None
-    if flat.ndim != 2 or flat.shape[1] != 3 * 32 * 32:
-        raise UserError(f"{path}: data has shape {flat.shape}, expected [N, 3072]")
-    if labels.shape != (len(flat),):
-        raise UserError(f"{path}: {len(flat)} images but {labels.size} labels")
-    # Rows are channel-major (1024 R, 1024 G, 1024 B); store HWC like an image file.
-    return flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
-
-
-def _batches_folder(root: Path) -> Path | None:
-    """The folder holding ``data_batch_1`` etc.: ``root`` or one level below it."""
-    for candidate in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
-        if (candidate / TEST_BATCH).exists() or (candidate / TRAIN_BATCHES[0]).exists():
-            return candidate
-    return None
-
-
-def read_pickle_folder(folder: Path) -> Dataset:
-    meta = _unpickle(folder / META)
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get("label_names", [])]
-    if not classes:
-        raise UserError(f"{folder / META}: no label_names")
-    parts = [_read_batch(folder / name) for name in TRAIN_BATCHES]
-    test_x, test_y = _read_batch(folder / TEST_BATCH)
-    ds = Dataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                 test_x, test_y, classes, ORDER_ARCHIVE)
-    ds.validate(str(folder))
-    return ds
-
-
-def extract_archive(archive: Path, target: Path) -> None:
-    """Extract a .tar.gz safely: no absolute paths, no ``..``, no links out of ``target``."""
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar.getmembers():  # the data filter would silently strip a leading "/"
-                if member.name.startswith(("/", "\\")) or ".." in Path(member.name).parts:
-                    raise UserError(f"{archive}: unsafe archive entry {member.name!r} "
-                                    "(absolute or outside the target folder); refusing to extract")
-            tar.extractall(target, filter="data")
-    except tarfile.FilterError as err:
-        raise UserError(f"{archive}: unsafe archive entry {err.tarinfo.name!r} ({err}); refusing to extract") from err
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise UserError(f"{archive}: not a readable .tar.gz archive ({err})") from err
-
-
-# --- the image-folder format -----------------------------------------------------------
-
-def read_image_folder(root: Path) -> Dataset:
-    from PIL import Image, UnidentifiedImageError
-
-    train_root = root / "train"
-    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
-    if not classes:
-        raise UserError(f"{train_root}: no class folders")
-    splits = {}
-    for split in ("train", "test"):
-        images, labels = [], []
-        for label, name in enumerate(classes):
-            folder = root / split / name
-            if not folder.is_dir():
-                raise UserError(f"{folder}: class folder missing (classes come from {train_root})")
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise UserError(f"{folder}: empty class folder (no .png/.jpg images)")
-            for file in files:
-                try:
-                    with Image.open(file) as img:
-                        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
-                except (UnidentifiedImageError, OSError) as err:
-                    raise UserError(f"{file}: not a readable image ({err})") from err
-                if array.shape != IMAGE_SHAPE:
-                    raise UserError(f"{file}: image is {array.shape[1]}x{array.shape[0]}, expected 32x32")
-                images.append(array)
-                labels.append(label)
-        splits[split] = (np.stack(images), np.asarray(labels, dtype=np.int64))
-    return Dataset(*splits["train"], *splits["test"], classes, ORDER_FOLDER)
-
-
-# --- subset and the whole conversion ---------------------------------------------------
-
-def stratified_first(labels: np.ndarray, n: int, num_classes: int, what: str) -> np.ndarray:
-    """Indices of the first ``n`` items, balanced over classes (the remainder to the lowest labels)."""
-    per_class = [n // num_classes + (1 if c < n % num_classes else 0) for c in range(num_classes)]
-    chosen = []
-    for c, k in enumerate(per_class):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < k:
-            raise UserError(f"data.subset: {what} class {c} has {len(idx)} images, {k} requested")
-        chosen.append(idx[:k])
-    return np.sort(np.concatenate(chosen))
-
-
-def take_subset(ds: Dataset, subset: int | None) -> Dataset:
-    if subset is None:
-        return ds
-    n_classes = len(ds.classes)
-    n_test = subset // TEST_PER_TRAIN
-    if subset > len(ds.train_y):
-        raise UserError(f"data.subset: {subset} is more than the {len(ds.train_y)} training images")
-    if n_test < n_classes:
-        raise UserError(f"data.subset: {subset} leaves {n_test} test images for {n_classes} classes; "
-                        f"use at least {n_classes * TEST_PER_TRAIN}")
-    tr = stratified_first(ds.train_y, subset, n_classes, "train")
-    te = stratified_first(ds.test_y, n_test, n_classes, "test")
-    return Dataset(ds.train_x[tr], ds.train_y[tr], ds.test_x[te], ds.test_y[te], ds.classes,
-                   f"the first {subset} training images, balanced over classes, of: {ds.train_order}")
-
-
-def read_source(source: str, md5: str | None, cache_dir: Path) -> Dataset:
-    """Read any supported ``data.source`` into memory (downloading and verifying if a URL)."""
-    if md5 is None and is_url(source):
-        raise UserError("data.md5: null is only allowed for a local data.source; "
-                        "set the archive's md5 for a URL")
-    local = fetch(source, cache_dir, algorithm="md5", expected=md5, what="data.source")
-    if local.is_dir():
-        if md5 is not None:
-            raise UserError(f"data.md5 is set but data.source {local} is a folder; set data.md5: null")
-        if (local / "train").is_dir():
-            return read_image_folder(local)
-        folder = _batches_folder(local)
-        if folder is None:
-            raise UserError(f"{local}: neither an image-folder tree (train/, test/) nor a CIFAR "
-                            f"batches folder (data_batch_1..5, test_batch, batches.meta)")
-        return read_pickle_folder(folder)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".extract-") as tmp:
-        extract_archive(local, Path(tmp))
-        folder = _batches_folder(Path(tmp))
-        if folder is None:
-            raise UserError(f"{local}: archive holds no CIFAR batch files (data_batch_1..5, test_batch)")
-        return read_pickle_folder(folder)
-
-
-def prepare(source: str, md5: str | None, subset: int | None, out: Path, cache_dir: Path) -> Dataset:
-    """The download stage: any source -> verified, optionally subset -> ``out`` (.npz)."""
-    if subset is not None and (not isinstance(subset, int) or isinstance(subset, bool) or subset <= 0):
-        raise UserError(f"data.subset must be null or a positive integer, got {subset!r}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    ds = take_subset(read_source(str(source), md5, cache_dir), subset)
-    ds.save(out)
-    return ds

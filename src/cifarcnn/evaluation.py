@@ -1,4 +1,4 @@
-"""Evaluate a best checkpoint: loss and accuracy per split, per-class accuracy, confusion matrix."""
+"""The evaluate stage's work: a best checkpoint on every split, per-class accuracy, confusion matrix."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,11 @@ import numpy as np
 import torch
 
 from .batches import Preprocess, make_splits
+from .checkpoint import load_best_model
 from .data import Dataset
+from .device import resolve_device, use_channels_last
 from .errors import UserError
-from .training import evaluate, load_best_model, predict, resolve_device, use_channels_last
+from .scoring import evaluate, predict
 
 
 # eval.json, a DVC metrics file, holds these; the rest of the evaluation goes to eval_detail.json.

@@ -6,7 +6,6 @@ re-runs for another reason does not fetch it again.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import UserError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, file_digest
 
 USER_AGENT = "cifarcnn/0.1 (reproducible DVC/MLflow pipeline for a CIFAR-10 CNN report; bot) python-urllib"  # Wikimedia asks for a descriptive one
 CHUNK = 1 << 20  # bytes per read
@@ -35,14 +34,6 @@ class _TooSlow(Exception):
 
 def is_url(source: str) -> bool:
     return urllib.parse.urlparse(str(source)).scheme in ("http", "https", "ftp")
-
-
-def file_digest(path: str | os.PathLike, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify(path: Path, algorithm: str, expected: str | None, what: str) -> None:

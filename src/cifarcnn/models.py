@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .fetch import file_digest
+from .fsutil import file_digest
 
 NUM_CLASSES = 10
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}

@@ -14,12 +14,15 @@ import os
 from pathlib import Path
 
 from .batches import validation_indices
+from .checkpoint import load_checkpoint
 from .config import RunConfig, config_digest
 from .data import Dataset
-from . import stageclock
-from .fsutil import csv_text, split_metrics, staged_outputs, write_json, write_text
+from .device import resolve_device
+from .errors import work
+from .fsutil import csv_text, file_digest, split_metrics, staged_outputs, write_json, write_text
+from .runfiles import BEST, CURVES_CSV, RESUME, TRAIN_LOSS_CSV
 from .tracking import PARENT_TAG, TIMING, MlflowRun, parent_run, repo_root, run_tags
-from .training import BEST, RESUME, data_fingerprint, load_checkpoint, resolve_device, train
+from .training import data_fingerprint, train
 
 CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]
 # train.json, a DVC metrics file, holds these numbers; everything else goes to run.json.
@@ -52,13 +55,15 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
             "subset": str(cfg.data_params.get("subset")), "train_images": str(len(ds.train_y) - n_val),
             "val_images": str(n_val), "test_images": str(len(ds.test_y)), "order": ds.train_order})
         run.log_params(cfg.flat_params())  # the last call before training that waits for the store
-        with stageclock.work():
+        with work():
             result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
                            resume_dir=resume_in, keep_resume=True, score=False, resume_state=state)  # evaluate scores it
         logging_seconds = run.seconds  # params + per-step/validation metrics, during training
         metrics = {**result.metrics, "mlflow_run_id": run.run_id, "mlflow_parent_run_id": parent,
                    "resumed_from_step": result.resumed_from_step,
                    "data_source": str(cfg.data_params.get("source")), "data_subset": cfg.data_params.get("subset"),
+                   "checkpoint_sha256": file_digest(model_dir / BEST, "sha256"),  # evaluate/visualize check it
+                   "registered_model": cfg.registered_model,
                    "title": f"{cfg.name}: {cfg.model}, {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}"}
         h = result.history
         blocks = h.loss_blocks()
@@ -66,11 +71,9 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
                       for s, m, d in zip(blocks["step"], blocks["mean"], blocks["std"])]
         with staged_outputs(results_dir) as staged:
             write_json(staged / "config.json", cfg.to_dict())  # the resolved config, as in the checkpoint
-            write_text(staged / "train_loss.csv", csv_text(block_rows, LOSS_BLOCK_FIELDS))
-            write_text(staged / "curves.csv", csv_text(h.validations, CURVE_FIELDS))
-            run.flush()
-            run.log_artifact(model_dir / BEST, "checkpoint")
-            run.log_classifier(model_dir / BEST, ds.classes, ds.test_x[:2], cfg.registered_model)  # two real test images
+            write_text(staged / TRAIN_LOSS_CSV, csv_text(block_rows, LOSS_BLOCK_FIELDS))
+            write_text(staged / CURVES_CSV, csv_text(h.validations, CURVE_FIELDS))
+            run.flush()  # the evaluate stage logs the model it scored (and registers it)
             metrics["mlflow_logging_seconds"] = round(logging_seconds, 3)
             metrics["mlflow_logging_share"] = round(logging_seconds / max(metrics["train_seconds"], 1e-9), 4)
             run.log_summary({k: metrics[k] for k in ("mlflow_logging_seconds", "mlflow_logging_share")}, prefix=TIMING)

@@ -361,11 +361,3 @@ def mean_curves(curves: list[dict]) -> dict[str, list]:
     blocks = [[{"step": st, "mean": m} for st, m in zip(c["blocks"]["step"], c["blocks"]["mean"])] for c in curves]
     return {"validations": combine([c["validations"] for c in curves], ["epoch", "val_loss", "val_acc"]),
             "train_loss": combine(blocks, ["mean"])}
-
-
-def load_curves(run_dir: Path) -> dict:
-    """A run's 50-step training-loss blocks and validation records, from its CSV files."""
-    blocks = pd.read_csv(run_dir / "train_loss.csv")
-    vals = pd.read_csv(run_dir / "curves.csv")
-    return {"blocks": {c: blocks[c].tolist() for c in ("step", "mean", "std")},
-            "validations": vals.to_dict(orient="records")}

@@ -19,6 +19,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .batches import Preprocess
+from .checkpoint import load_best_model
+
 CIFAR_SIZE = 32  # the images every model here was trained on
 CHECKPOINT = "checkpoint"  # the artifact key of the best checkpoint inside the logged model
 
@@ -27,15 +30,14 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Loaded by MLflow from the logged model: the checkpoint carries the config and classes."""
 
     def load_context(self, context) -> None:
-        from .batches import Preprocess
-        from .training import load_best_model
-
         self.model, cfg, ckpt = load_best_model(context.artifacts[CHECKPOINT])
         self.model.eval()
         self.classes = list(ckpt["classes"])
         self.prep = Preprocess(cfg.input, torch.device("cpu"), channels_last=False)
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # Typed np.ndarray: MLflow takes the signature from log_model (it infers none from this hint) and
+    # no longer warns that predict has no type hints.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
         return classify(self.model, self.prep, self.classes, model_input)
 
 
@@ -75,10 +77,7 @@ def signature(classes: list[str]):
 
 def log_classifier(checkpoint: Path, classes: list[str], example: np.ndarray, registered_name: str | None):
     """Log the pyfunc into the active run (and register it as a new version of ``registered_name``)."""
-    import warnings
-
     package = Path(__file__).resolve().parent
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")  # the signature is explicit
     return mlflow.pyfunc.log_model(
         name="classifier", python_model=ImageClassifier(), artifacts={CHECKPOINT: str(checkpoint)},
         code_paths=[str(package)],  # the model carries this package: it loads without the repository

@@ -13,6 +13,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 # Bounded waits for an unreachable tracking server (set before mlflow reads them).
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -20,7 +21,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")  # seconds per reques
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
+from mlflow.entities import DatasetInput, InputTag, Metric  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .errors import UserError  # noqa: E402
@@ -33,6 +35,7 @@ CURVES = "curves/"  # per training step: train_loss; per validation: val_loss, v
 SCORES = "scores/"  # the best checkpoint on every split: train_acc, val_loss, test_acc, ...
 SEEDS = "seeds/"  # on a run's parent: n, mean_test_acc, sd_test_acc, ...
 TIMING = "timing/"  # mlflow_logging_seconds, mlflow_logging_share
+MODEL_TAG = "classifier_checkpoint_sha256"  # the checkpoint the run's logged model holds
 
 _TEMP_EXP_MARKER = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
@@ -57,17 +60,24 @@ def artifact_location(root: Path | None = None) -> str:
     return ((root or repo_root()) / "mlartifacts").as_uri()
 
 
+_CONNECTED: dict[tuple[str, str], tuple[MlflowClient, str]] = {}  # (store, experiment) -> client, id
+
+
 def connect(experiment: str) -> tuple[MlflowClient, str]:
     """A client on the store and the experiment's id (created once; a local store's artifacts
     at an absolute path). A store that does not answer (a server or its database restarting) is
-    asked again for up to CONNECT_WAIT_S, then the stage ends in one line."""
+    asked again for up to CONNECT_WAIT_S, then the stage ends in one line. Once per process and
+    store: each new client of a sqlite store checks its schema again (a second or so)."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    if (uri, experiment) in _CONNECTED:
+        return _CONNECTED[uri, experiment]
     deadline = time.monotonic() + CONNECT_WAIT_S
     while True:
         try:
-            return client, _experiment_id(client, experiment, uri)
+            client = MlflowClient(uri)  # inside: a corrupt store fails here, and gets the one line too
+            _CONNECTED[uri, experiment] = client, _experiment_id(client, experiment, uri)
+            return _CONNECTED[uri, experiment]
         except Exception as err:  # noqa: BLE001 - any failure here means "no usable store"
             if time.monotonic() + 2 < deadline:
                 time.sleep(2)
@@ -283,19 +293,24 @@ class MlflowRun:
             with warnings.catch_warnings():  # a local path matches MLflow's local source twice; it warns, and picks it
                 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
                 dataset = MetaDataset(resolve_dataset_source(source), name="cifar10", digest=digest)
-            with mlflow.start_run(run_id=self.run_id):
-                mlflow.log_input(dataset, context="training", tags=tags)
+            entity = DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training"),
+                                                                 *(InputTag(k, v) for k, v in tags.items())])
+            self.client.log_inputs(self.run_id, datasets=[entity])  # not start_run: that would end the run
         self._retrying("log dataset", _log)
 
-    def log_classifier(self, checkpoint: Path, classes: list[str], example, registered_name: str | None) -> None:
-        """The usable model (cifarcnn.serving: raw images in, class names and probabilities out),
-        registered as a new version of ``registered_name`` when the run names one."""
-        from .serving import log_classifier
+    def log_model(self, log: Callable[[], object], checkpoint_digest: str) -> bool:
+        """Log a model into this run once per checkpoint: ``log`` is a flavour's ``log_model``
+        call (cifarcnn.serving's, from the evaluate stage), run inside this run. A stage re-run on
+        the same checkpoint (a figure changed) logs and registers nothing again; False then."""
+        if self.client.get_run(self.run_id).data.tags.get(MODEL_TAG) == checkpoint_digest:
+            return False
 
         def _log():
-            with mlflow.start_run(run_id=self.run_id):
-                log_classifier(checkpoint, classes, example, registered_name)
+            with mlflow.start_run(run_id=self.run_id):  # ends it on exit: the run's training is over
+                log()
         self._retrying("log model", _log)
+        self._retrying("tag the logged model", self.client.set_tag, self.run_id, MODEL_TAG, checkpoint_digest)
+        return True
 
     def abandon(self) -> None:
         """Stop the writer: after a failure the next run logs what is missing."""
@@ -422,9 +437,10 @@ def log_aggregates(experiment: str, run_name: str, digest: str, describes: str, 
     return known
 
 
-def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: dict,
-                   artifacts: list[Path]) -> str:
-    """Log evaluation numbers into the training run; a new run if that one is not in this store."""
+def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: dict, artifacts: list[Path],
+                   model: tuple[Callable[[], object], str] | None = None) -> str:
+    """Log evaluation numbers and figures into the training run (a new run if that one is not in
+    this store), and ``model`` = (its log call, its checkpoint's digest) once per checkpoint."""
     run = MlflowRun.start(experiment, run_name, {**run_tags(run_name, metrics.get("device", ""), "stages/evaluate.py"),
                                                  "evaluation_only": "true"},
                           resume_id=run_id)
@@ -436,6 +452,8 @@ def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: 
     run.log_summary(flat, prefix=SCORES)  # per class: scores/test_acc/<class>
     for path in artifacts:
         run.log_artifact(path)
+    if model is not None:
+        run.log_model(*model)
     if run.run_id != run_id:
         run.finish()
     return run.run_id

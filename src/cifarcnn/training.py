@@ -26,20 +26,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .augment import AugmentDraws, apply_augment, draw_augment
-from .batches import Preprocess, Split, epoch_batches, eval_batches, make_splits, training_inputs
-from .config import AugmentSpec, RunConfig
-from .data import Dataset
-from .errors import UserError
+from .augment import AugmentDraws, draw_augment
+from .batches import Preprocess, epoch_batches, make_splits, training_inputs
+from .checkpoint import cpu_copy, load_checkpoint, save_checkpoint
 from .codedeps import code_digest
-from .fsutil import atomic_path, write_error
+from .config import RunConfig
+from .data import Dataset
+from .device import resolve_device, use_channels_last
+from .errors import UserError
 from .models import create_model
+from .runfiles import BEST, RESUME
+from .scoring import evaluate
 from .step import EagerStep, GraphedStep, StepFn
 
-BEST = "best.pt"  # the checkpoint with the lowest validation loss (a DVC output)
-RESUME = "resume.pt"  # the latest state, for resuming a killed run; removed when the run ends
 LOSS_FLUSH_STEPS = 50  # copy per-step losses off the device (and check them) this often
-EVAL_BATCH = 512  # images per evaluation batch (32x32 input); scaled down for bigger inputs
 AUGMENT_AHEAD_STEPS = 128  # on a GPU, steps augmented in one pass (128 x 32 images: 50 MB of floats)
 
 
@@ -84,25 +84,6 @@ def should_stop(val_losses: list[float], count: int | None) -> bool:
     return window[0] == min(window)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device: cuda requested but no CUDA device is available; use auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def use_channels_last(device: torch.device, input_size: int) -> bool:
-    """Memory format by measurement (bench/throughput.py), not by habit.
-
-    On the 2-core AVX2 CPU: the 32x32 CNNs train no faster in channels_last (task2 533 vs 541
-    img/s, task3e 144 vs 153), ResNet18 at 224x224 does (16.8 vs 13.9-15.4 img/s). On a GPU
-    channels_last is cuDNN's preferred layout. bf16 autocast is not used: ~11x slower on that
-    CPU, and fp32 keeps the report's numerics on a GPU.
-    """
-    return device.type == "cuda" or input_size >= 128
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -141,63 +122,12 @@ def make_step(fn: StepFn, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     return EagerStep(fn)
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, split: Split, prep: Preprocess,
-            augment: AugmentSpec | None = None, seed: int = 0) -> tuple[float, torch.Tensor]:
-    """Mean cross-entropy over every image of ``split`` and the predicted classes (eval mode).
-
-    ``augment``: each image augmented first, with draws from ``seed`` (the original measured
-    Task 3e's train and validation accuracy so, its loaders sharing the augmented dataset).
-    """
-    was_training = model.training
-    model.eval()
-    device = split.y.device
-    scale = 8 if device.type == "cuda" else 1  # a GPU wants bigger batches
-    batch = max(16, scale * EVAL_BATCH * 32 * 32 // (prep.size * prep.size))
-    gen = torch.Generator(device=device).manual_seed(seed) if augment is not None else None
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    preds = []
-    for idx in eval_batches(len(split), batch):
-        idx = idx.to(device)
-        x = prep.unit(split.x[idx])
-        if augment is not None:
-            x = apply_augment(x, augment, draw_augment(augment, len(idx), gen, device))
-        logits = model(prep.finish(x))
-        loss_sum += F.cross_entropy(logits.float(), split.y[idx], reduction="sum").double()
-        preds.append(logits.argmax(1))
-    model.train(was_training)
-    predictions = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=device)
-    return float(loss_sum) / max(len(split), 1), predictions
-
-
-def evaluate(model: torch.nn.Module, split: Split, prep: Preprocess,
-             augment: AugmentSpec | None = None, seed: int = 0) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy, counted per image (not averaged over batches); ``augment``
-    and ``seed`` as in ``predict``."""
-    loss, preds = predict(model, split, prep, augment, seed)
-    return loss, int((preds == split.y).sum()) / max(len(split), 1)
-
-
 def data_fingerprint(ds: Dataset) -> str:
     digest = hashlib.sha256()
     for arr in (ds.train_y, ds.test_y, ds.train_x[:64], ds.test_x[:64]):
         digest.update(np.ascontiguousarray(arr).tobytes())
     digest.update(f"{len(ds.train_y)}/{len(ds.test_y)}".encode())
     return digest.hexdigest()[:16]
-
-
-def cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state on the CPU, detached from further training."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic: a kill during the write leaves the previous checkpoint intact."""
-    with atomic_path(path, suffix=".pt") as tmp:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as err:  # torch's writer reports a full disk as a RuntimeError
-            raise write_error(path, err) from err
 
 
 def resume_mismatch(state: dict, config: dict, data: str, code: str) -> str | None:
@@ -211,13 +141,6 @@ def resume_mismatch(state: dict, config: dict, data: str, code: str) -> str | No
     if "best_model" not in state:
         return "it has no best checkpoint"
     return None
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: not a readable checkpoint ({err}); delete it to start over") from err
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -444,14 +367,5 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     if not keep_resume:
         resume_path.unlink(missing_ok=True)
     return TrainResult(metrics, history, model, resumed_from)
-
-
-def load_best_model(path: str | Path) -> tuple[torch.nn.Module, RunConfig, dict]:
-    """A best checkpoint -> (model in eval mode on CPU, its config, the checkpoint)."""
-    ckpt = load_checkpoint(Path(path))
-    cfg = RunConfig.from_dict(ckpt["config"])
-    model = create_model(cfg.model, **cfg.model_params)  # its own weights replace any pretrained ones
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg, ckpt
 
 
