@@ -25,7 +25,7 @@ bench: install  ## data-loading and training-throughput benchmarks (needs data/c
 	python bench/mlflow_logging.py
 
 ui: install  ## MLflow UI on http://127.0.0.1:5000
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 team-up: install  ## the team stack: PostgreSQL + SeaweedFS (S3) + mlflow server with auth, on 127.0.0.1
 	python -m cifarcnn.teamstack start

@@ -108,10 +108,12 @@ def stripes_photo(size: int = 224, period: int = 16) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def tiny_project(work: Path):
+def tiny_project(work: Path, runs: list[str] | None = None, task4a_size: int | None = None):
     """The project's tracked files in a new git repo under ``work``, with params shrunk as CI
     runs it (300 generated images served on 127.0.0.1, one epoch, resnet_weights: none);
-    yields (repo, env) while the data is served. ``env``: this environment without MLFLOW_*/DVC_*."""
+    yields (repo, env) while the data is served. ``env``: this environment without MLFLOW_*/DVC_*.
+    ``runs``: keep only these entries of params.yaml's runs; ``task4a_size``: task4a's input size
+    (224 by default; 64 trains it in a tenth of the time, as the README's CPU advice)."""
     import os
     import re
     import shutil
@@ -142,6 +144,15 @@ def tiny_project(work: Path):
                            ("max_epochs", "1"), ("resnet_weights", "none"), ("image", f"{url}/photo.png")]:
             text, n = re.subn(rf"^(\s*{key}:) \S+", rf"\g<1> {value}", text, count=1, flags=re.M)
             assert n == 1, key
+        if task4a_size is not None:
+            text, n = re.subn(r"^(    input:  # resized per batch on the device\n      size:) 224$", rf"\g<1> {task4a_size}", text,
+                              flags=re.M)
+            assert n == 1, "task4a's input size"
+        if runs is not None:  # drop whole entries of runs: (the block from "  <name>:" to the next one)
+            blocks = re.split(r"(?m)^(?=  \w+:)", text[text.index("\nruns:\n") + len("\nruns:\n"):])
+            kept = [b for b in blocks if b.split(":", 1)[0].strip() in runs]
+            assert len(kept) == len(runs), runs
+            text = text[:text.index("\nruns:\n") + len("\nruns:\n")] + "".join(kept)
         (repo / "params.yaml").write_text(text)
         for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
             subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)

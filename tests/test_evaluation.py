@@ -131,13 +131,13 @@ def test_accuracy_table_beside_the_report(tmp_path):
     md = report.accuracy_table(results, "task2")
     assert "| -37.28 " in md  # training: 50.00% vs the report's 87.28%
     assert "73.58" in md and "45.00 (n = 1)" in md and "-28.58" in md
-    assert "no spread (n = 1)" in md and "±" not in md.split("\n", 2)[2]  # no spread below the header
+    assert "no verdict (n = 1; 3 seeds at least)" in md and "±" not in md.split("\n", 2)[2]  # no spread below the header
     md = report.accuracy_table(results, "extra_run")
     assert md.count("n/a") == 9  # per split: no report number, no difference, no verdict
 
 
 def test_report_over_three_seeds_gives_spread_verdicts_and_claims(tmp_path):
-    runs = ["task2", "task3a_model1", "task3a_model2", "task3e"]
+    runs = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout", "task3e"]
     _fake_results(tmp_path, runs, seeds=(0, 1, 2))
     _fake_results(tmp_path / "aug", ["task3e"], seeds=(0, 1, 2), augmented=True)
     for seed in (0, 1, 2):  # task3e with augmented numbers
@@ -148,20 +148,26 @@ def test_report_over_three_seeds_gives_spread_verdicts_and_claims(tmp_path):
     assert [s["seed"] for s in results["task2"]] == [0, 1, 2]
     md = report.accuracy_table(results, "task2")
     assert "50.10 ± 0.10 (n = 3)" in md and "50.00–50.20" in md  # train: 50.0, 50.1, 50.2
-    assert "report above our 95% CI" in md
+    assert re.search(r"report above \(95% PI [\d.]+–[\d.]+; t = [\d.]+, p = ", md)  # one run of ours vs the report's one
     e = report.accuracy_table(results, "task3e")
     assert "Training, augmented images" in e and "| 81.77 " in e  # the report's number on its own terms
     assert "measured on augmented images: see below" in e  # the clean row is not judged against it
     claims = "\n".join(report.claims_section(results))
     assert "Table 8: Model 2 beats Model 1" in claims and "n = 3" in claims and "p = " in claims
     assert "Task 3e: the final model beats Task 2's" in claims
+    # task3d's runs pair by seed (same weights, same batches): a paired test; here every difference is equal
+    assert "dropout beats no dropout** (test accuracy; the report: +3.82 points). Ours: task3d_dropout does not beat " \
+           "task3d_no_dropout by -1.00 points with n = 3: no test (no spread in the differences)" in claims
     task1 = {"parameters": {"task2": {"rows": [{"n": 1, "type": "Conv2d", "weight_shape": "x", "weights": 1,
                                                  "biases": 1, "parameters": 2}], "total": 2}}}
     full = report.results_markdown(results, task1, None, {}, {"method": "np.random.seed(0); ...", "order": "o"})
     assert "Seeds per run: 3" in full and "## The report's claims, tested over seeds" in full
+    # report − ours over the five independent numbers: a one-sample t-test (every seed here 0.5 + i/100 ...)
+    assert "## Is the report above us across runs?" in full and "one-sample t(4) = " in full
+    assert "the report sits systematically above our runs" in full
     assert re.search(r"\| task2 +\| 0, 1, 2 +\| 1–3 +\| 1 of 3 ", full)  # the stopping table: seeds, epochs run, stops
     one = report.results_markdown(report.load_results(tmp_path, runs, [0]), task1, None, {})
-    assert "Seeds per run: 1" in one and "no spread to test against" in one
+    assert "Seeds per run: 1" in one and "no test (at least two seeds a side are needed)" in one
     assert " ± " not in "".join(line for line in one.split("## Runs")[1].splitlines() if not line.startswith("| Dataset"))
     aggregates = report.aggregates(results["task2"])
     assert aggregates["n_seeds"] == 3 and aggregates["mean_test_acc"] == pytest.approx(0.451)
@@ -177,6 +183,7 @@ def test_report_says_when_task4a_is_not_the_reports_set_up(tmp_path):
     assert "random weights" in caveat and "64×64" in caveat and "1 epoch(s)" in caveat
     assert "| 64 px" in report.runs_table({"task4a": [shrunk]}) and "1 of 1" in report.runs_table({"task4a": [shrunk]})
 
+    assert "| not comparable: random weights |" in report.accuracy_table({"task4a": [shrunk]}, "task4a")
     as_reported = {**shrunk, "config": {**config, "input": {**config["input"], "size": 224}, "epochs": 5,
                                         "pretrained": "imagenet"}}
     assert report._task4a_caveats(as_reported) == []

@@ -35,7 +35,7 @@ def ran_stages(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A git repo holding the project's tracked files and shrunk params, after its first `dvc repro`."""
-    with tiny_project(tmp_path_factory.mktemp("smoke")) as (repo, env):
+    with tiny_project(tmp_path_factory.mktemp("smoke"), task4a_size=64) as (repo, env):
         first = sh(["dvc", "repro"], repo, env)
         yield repo, env, first
 

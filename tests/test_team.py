@@ -26,7 +26,9 @@ from cifarcnn.teamstack import Stack, _alive
 
 pytestmark = pytest.mark.smoke
 EXPERIMENT = "cifar10-cnn-report"
-RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout", "task3e", "task4a"]
+# The smoke test runs every run; here a plain one, the registered one (task3e, also the sweep's) and
+# task4a, the longest, during whose training the server is restarted.
+RUNS = ["task2", "task3e", "task4a"]
 MEASURED: dict[str, float] = {}  # printed at the end: what the closing note quotes
 
 
@@ -43,7 +45,7 @@ def team(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     os.environ.update(stack.client_env())  # this process's MlflowClient reads the server and credentials here
     try:
-        with tiny_project(tmp_path_factory.mktemp("team")) as (repo, env):
+        with tiny_project(tmp_path_factory.mktemp("team"), runs=RUNS) as (repo, env):
             env = {**env, **stack.client_env()}
             yield stack, repo, env
     finally:
@@ -157,9 +159,12 @@ def test_pipeline_logs_everything_to_the_server_through_a_restart(team):
     s3 = stack._s3(stack.state())
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow")
             for o in page.get("Contents", [])]
+    models = {m.source_run_id: m.model_id for m in client().search_logged_models(experiment_ids=[exp.experiment_id])}
     for name in RUNS:
         run_id = runs[f"train@{name}-0"].info.run_id
-        assert any(k.endswith(f"{run_id}/artifacts/checkpoint/best.pt") for k in keys), name
+        # one copy of the checkpoint in MLflow: inside the model the evaluate stage logged
+        owned = [k for k in keys if k.endswith("best.pt") and (run_id in k or models[run_id] in k)]
+        assert len(owned) == 1 and models[run_id] in owned[0], (name, owned)
         assert any(run_id in k and k.endswith("curves.png") for k in keys), name
     versions = client().search_model_versions("name = 'cifar10-task3e'")
     assert versions and versions[0].run_id == runs["train@task3e-0"].info.run_id

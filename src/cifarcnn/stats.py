@@ -1,6 +1,9 @@
-"""Numbers over seeds: spread, whether the report's number lies inside it, paired claims.
+"""Numbers over seeds: spread, whether one run of ours could have given the report's number,
+whether the report sits above ours across runs, and the report's paired claims.
 
-With one seed there is no spread: every function here says so rather than invent one.
+Each number in the report comes from one run, so it is judged against a *prediction interval*
+for one new run of ours (mean ± t(0.975, n−1) · s · √(1 + 1/n)), not against the interval of our
+mean. Below three seeds no verdict is given: t(0.975, 1) = 12.7 makes nearly any number "inside".
 """
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ from dataclasses import dataclass
 
 from scipy import stats as sps
 
-CONFIDENCE = 0.95  # the interval the report's number is judged against (two-sided t-interval of the mean)
-ALPHA = 0.05  # a paired claim is called significant below this p-value (Welch's t-test, two-sided)
+CONFIDENCE = 0.95  # two-sided: the prediction interval, and the t-interval of our mean shown beside it
+ALPHA = 0.05  # a claim or a shift is called significant below this p-value (two-sided)
+MIN_SEEDS = 3  # fewest seeds for a verdict: with 2, t(0.975, 1) = 12.7 and nearly everything is "inside"
 
 
 @dataclass(frozen=True)
@@ -44,28 +48,73 @@ def summarize(values: list[float]) -> Summary:
     return Summary(n, mean, sd, min(values), max(values), (mean - half, mean + half))
 
 
+def no_spread(s: Summary) -> bool:
+    """Every value equal, up to float rounding (accuracies computed two ways can differ by 1e-14)."""
+    return s.sd is not None and s.sd <= 1e-9 * max(1.0, abs(s.mean))
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Could one run of ours have produced ``reference``? ``verdict`` is the sentence shown."""
+    verdict: str
+    interval: tuple[float, float] | None = None  # CONFIDENCE prediction interval for one new run
+    t: float | None = None  # (reference - mean) / (s · √(1 + 1/n))
+    df: int | None = None
+    p: float | None = None  # two-sided
+
+
+def single_run(reference: float, s: Summary) -> Judgement:
+    """The report's one-run number against a prediction interval for one new run of ours."""
+    if s.n < MIN_SEEDS:
+        return Judgement(f"no verdict (n = {s.n}; {MIN_SEEDS} seeds at least)")
+    if no_spread(s):
+        return Judgement(f"no spread (all {s.n} seeds equal)")
+    scale = s.sd * math.sqrt(1 + 1 / s.n)
+    df = s.n - 1
+    half = sps.t.ppf(0.5 + CONFIDENCE / 2, df) * scale
+    t = (reference - s.mean) / scale
+    p = float(2 * sps.t.sf(abs(t), df))
+    low, high = s.mean - half, s.mean + half
+    where = "report above" if reference > high else "report below" if reference < low else "inside"
+    return Judgement(f"{where} ({CONFIDENCE:.0%} PI {low:.2f}–{high:.2f}; t = {t:.2f}, p = {p:.2g})",
+                     (low, high), t, df, p)
+
+
 def verdict(reference: float, s: Summary) -> str:
-    """Where the report's number lies against our seeds: inside our CONFIDENCE interval of the
-    mean, above or below it; with one seed, plainly that there is no spread to judge by."""
-    if s.ci is None:
-        return "no spread (n = 1)"
-    low, high = s.ci
-    if reference < low:
-        return f"report below our {CONFIDENCE:.0%} CI"
-    if reference > high:
-        return f"report above our {CONFIDENCE:.0%} CI"
-    return f"inside our {CONFIDENCE:.0%} CI"
+    return single_run(reference, s).verdict
+
+
+@dataclass(frozen=True)
+class Shift:
+    """A one-sample t-test of report − ours over several runs: a systematic offset."""
+    n: int
+    mean: float
+    sd: float | None
+    t: float | None
+    p: float | None
+
+
+def pooled_shift(differences: list[float]) -> Shift:
+    """Is the report above ours across runs? ``differences``: report − our mean, one per
+    independent report number; a one-sample t-test of their mean against 0."""
+    s = summarize(differences)
+    if s.sd is None or no_spread(s):
+        return Shift(s.n, s.mean, s.sd, None, None)
+    t = s.mean / (s.sd / math.sqrt(s.n))
+    return Shift(s.n, s.mean, s.sd, t, float(2 * sps.t.sf(abs(t), s.n - 1)))
 
 
 @dataclass(frozen=True)
 class Comparison:
     difference: float  # mean(a) - mean(b)
-    se: float | None  # Welch's standard error of the difference
+    se: float | None  # standard error of the difference
     t: float | None
-    df: float | None  # Welch-Satterthwaite degrees of freedom
-    p: float | None  # two-sided
+    df: float | None  # Welch-Satterthwaite, or n - 1 for paired seeds
+    p: float | None  # two-sided; None: no test (too few seeds, or no spread)
     n_a: int
     n_b: int
+    test: str = "Welch's t-test"
+    why_none: str = ""  # when p is None: what was missing
 
 
 def welch(a: list[float], b: list[float]) -> Comparison:
@@ -73,24 +122,38 @@ def welch(a: list[float], b: list[float]) -> Comparison:
     sa, sb = summarize(a), summarize(b)
     diff = sa.mean - sb.mean
     if sa.sd is None or sb.sd is None:
-        return Comparison(diff, None, None, None, None, sa.n, sb.n)
+        return Comparison(diff, None, None, None, None, sa.n, sb.n, why_none="at least two seeds a side are needed")
     va, vb = sa.sd ** 2 / sa.n, sb.sd ** 2 / sb.n
     se = math.sqrt(va + vb)
-    if se == 0:  # identical values on both sides: no evidence either way
-        return Comparison(diff, 0.0, None, None, 1.0 if diff == 0 else 0.0, sa.n, sb.n)
+    if no_spread(sa) and no_spread(sb):  # every seed equal on both sides: nothing to test the difference against
+        return Comparison(diff, 0.0, None, None, None, sa.n, sb.n, why_none="no spread on either side")
     t = diff / se
     df = (va + vb) ** 2 / (va ** 2 / (sa.n - 1) + vb ** 2 / (sb.n - 1))
-    p = 2 * sps.t.sf(abs(t), df)
-    return Comparison(diff, se, t, df, float(p), sa.n, sb.n)
+    return Comparison(diff, se, t, df, float(2 * sps.t.sf(abs(t), df)), sa.n, sb.n)
+
+
+def paired(a: list[float], b: list[float]) -> Comparison:
+    """A paired t-test of a - b, seed by seed (runs with the same seed share initial weights and
+    batches, so their difference has less noise than either)."""
+    if len(a) != len(b):
+        raise ValueError("paired runs need the same seeds")
+    d = summarize([x - y for x, y in zip(a, b)])
+    n = len(a)
+    if d.sd is None:
+        return Comparison(d.mean, None, None, None, None, n, n, "paired t-test", "at least two seeds are needed")
+    if no_spread(d):
+        return Comparison(d.mean, 0.0, None, None, None, n, n, "paired t-test", "no spread in the differences")
+    se = d.sd / math.sqrt(n)
+    t = d.mean / se
+    return Comparison(d.mean, se, t, n - 1, float(2 * sps.t.sf(abs(t), n - 1)), n, n, "paired t-test")
 
 
 def claim_sentence(winner: str, loser: str, c: Comparison, unit: str = "points") -> str:
-    """``Model 2 beats Model 1 by 0.40 ± 0.30 points, p = 0.20: not significant with n = 5``."""
+    """``Model 2 beats Model 1: +0.40 ± 0.30 points, p = 0.2: not significant with n = 5 (Welch's t-test, α = 0.05)``."""
     n = f"n = {c.n_a}" if c.n_a == c.n_b else f"n = {c.n_a} and {c.n_b}"
     verb = "beats" if c.difference > 0 else "does not beat"
     if c.p is None:
-        return (f"{winner} {verb} {loser} by {c.difference:+.2f} {unit} with {n}: "
-                "no spread to test against (at least two seeds a side are needed)")
+        return f"{winner} {verb} {loser} by {c.difference:+.2f} {unit} with {n}: no test ({c.why_none})"
     sig = "significant" if c.p < ALPHA else "not significant"
     return (f"{winner} {verb} {loser}: {c.difference:+.2f} ± {c.se:.2f} {unit}, p = {c.p:.2g}: "
-            f"{sig} with {n} (Welch's t-test, α = {ALPHA:g})")
+            f"{sig} with {n} ({c.test}, α = {ALPHA:g})")

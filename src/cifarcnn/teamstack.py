@@ -250,7 +250,9 @@ class Stack:
                             f"admin_username = {MLFLOW_ADMIN}\nadmin_password = {keys['TEAM_MLFLOW_PASSWORD']}\n"
                             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         env = {**self.s3_env(), "MLFLOW_S3_ENDPOINT_URL": state["s3_url"], "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": keys["TEAM_MLFLOW_PASSWORD"]}
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": keys["TEAM_MLFLOW_PASSWORD"],
+               # MLflow 3's job runner (GenAI jobs this project never submits): seven more Python processes
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         state["pids"]["mlflow"] = self._spawn("mlflow", [
             str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
             "--backend-store-uri", backend, "--artifacts-destination", "s3://mlflow/artifacts",
