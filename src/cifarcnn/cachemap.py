@@ -21,8 +21,8 @@ from .codedeps import PACKAGE_DIR, project_modules
 ROOT = PACKAGE_DIR.parents[1]
 DVC_YAML = ROOT / "dvc.yaml"
 TABLE = ROOT / "docs" / "cache_boundaries.md"
-# How a stage of each kind is shown (a foreach/matrix stage stands for many).
-SHOWN = {"configure": "configure@<run>", "train": "train@<run>-<seed>", "evaluate": "evaluate@<run>-<seed>"}
+# How a matrix stage is shown (it stands for one stage per run and seed).
+SHOWN = {"train": "train@<run>-<seed>", "evaluate": "evaluate@<run>-<seed>"}
 
 
 def stage_scripts(dvc_yaml: Path = DVC_YAML) -> dict[str, tuple[str, list[str]]]:
@@ -49,15 +49,16 @@ def write_deps(dvc_yaml: Path = DVC_YAML) -> bool:
     scripts = stage_scripts(dvc_yaml)
     out: list[str] = []
     stage = None
+    written: set[str] = set()
     for line in lines:
         top = re.match(r"^  (\w+):", line)
         if top and top.group(1) in scripts:
             stage = top.group(1)
         dep = re.match(r"^(\s+)- (stages|src)/\S+\s*$", line)
         if dep and stage is not None:
-            if scripts[stage] is not None:  # the first code dep of the stage: write them all here
+            if stage not in written:  # the first code dep of the stage: write them all here
                 out.extend(f"{dep.group(1)}- {d}\n" for d in code_deps(scripts[stage][0]))
-                scripts[stage] = None
+                written.add(stage)
             continue
         out.append(line)
     new = "".join(out)

@@ -62,7 +62,7 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
         metrics = {**result.metrics, "mlflow_run_id": run.run_id, "mlflow_parent_run_id": parent,
                    "resumed_from_step": result.resumed_from_step,
                    "data_source": str(cfg.data_params.get("source")), "data_subset": cfg.data_params.get("subset"),
-                   "checkpoint_sha256": file_digest(model_dir / BEST, "sha256"),  # evaluate/visualize check it
+                   "checkpoint_sha256": file_digest(model_dir / BEST, "sha256"),  # evaluate checks it before scoring
                    "registered_model": cfg.registered_model,
                    "title": f"{cfg.name}: {cfg.model}, {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size}"}
         h = result.history

@@ -7,7 +7,7 @@ import pandas as pd
 
 from .convmath import parameter_table
 from .models import count_parameters, create_model, list_models
-from .stats import CONFIDENCE, MIN_SEEDS, claim_sentence, paired, pooled_shift, summarize, verdict, welch
+from .stats import ALPHA, CONFIDENCE, MIN_SEEDS, claim_sentence, paired, pooled_shift, summarize, verdict, welch
 
 TASK1B = (
     "**(iii) Max pooling** reduces the sensitivity to small translations. A max-pooling window "
@@ -180,7 +180,7 @@ def shift_section(results: dict[str, list[dict]]) -> list[str]:
         return [head + " (no spread across runs to test).", ""]
     seeds = sorted({len(results[r]) for r in runs})
     verdict_text = ("the report sits systematically " + ("above" if shift.mean > 0 else "below") + " our runs"
-                    if shift.p < 0.05 else "no systematic shift at α = 0.05")
+                    if shift.p < ALPHA else f"no systematic shift at α = {ALPHA:g}")
     return [head + f" (sd {shift.sd:.2f}; one-sample t({shift.n - 1}) = {shift.t:.2f}, p = {shift.p:.2g}): "
             f"{verdict_text}; our means are over {', '.join(map(str, seeds))} seed(s) each.", "",
             "Known causes of a shift: data that is not the official archive (a JPEG re-encoding costs models 1–3 "
