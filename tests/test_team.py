@@ -94,6 +94,51 @@ def test_stack_refuses_requests_without_credentials(team):
     assert stack.secrets()["TEAM_MLFLOW_PASSWORD"] in secrets
 
 
+def _command_lines(pid: int) -> list[str]:
+    """The argv of ``pid`` and of all its descendants, as any user on the machine reads them."""
+    lines, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            lines.append(Path(f"/proc/{current}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return lines
+
+
+def test_no_secret_in_any_service_argv(team):
+    """`ps` shows every process's arguments to every user: no password or key may be in them."""
+    stack, _, _ = team
+    lines = [line for pid in stack.state()["pids"].values() for line in _command_lines(pid)]
+    assert any("mlflow" in line for line in lines) and any("postgres" in line for line in lines), lines
+    for name, secret in stack.secrets().items():
+        leaked = [line for line in lines if secret in line]
+        assert not leaked, f"{name} is in a process's argv: {leaked}"
+
+
+def test_dvc_remote_keys_go_to_config_local_even_when_they_look_like_options(tmp_path, monkeypatch):
+    """A generated key can start with "-" (token_urlsafe); it must neither break `dvc remote
+    modify` nor reach .dvc/config, and config.local must be readable by its owner only."""
+    monkeypatch.setenv("TEAM_S3_SECRET_KEY", "-f1yG5dGAJZN-8vmiJbciPVakpP-TYHs")
+    stack = Stack(tmp_path / ".team")
+    stack.dir.mkdir()
+    stack._save({"s3_url": "http://127.0.0.1:9", "mlflow_uri": "http://127.0.0.1:9", "ports": {}, "pids": {}})
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh(["git", "init", "-q"], repo, dict(os.environ))
+    sh(["dvc", "init", "-q"], repo, dict(os.environ))
+    stack.configure_dvc_remote(repo)
+    shared, local = (repo / ".dvc" / "config").read_text(), (repo / ".dvc" / "config.local").read_text()
+    assert "-f1yG5dGAJZN-8vmiJbciPVakpP-TYHs" not in shared and "endpointurl = http://127.0.0.1:9" in shared
+    assert "secret_access_key = -f1yG5dGAJZN-8vmiJbciPVakpP-TYHs" in local
+    assert f"access_key_id = {stack.secrets()['TEAM_S3_ACCESS_KEY']}" in local
+    assert oct(os.stat(repo / ".dvc" / "config.local").st_mode & 0o777) == "0o600"
+    remote = sh(["dvc", "config", "remote.team.secret_access_key"], repo, dict(os.environ))
+    assert remote.strip() == "-f1yG5dGAJZN-8vmiJbciPVakpP-TYHs"
+
+
 def _restart_when(stack: Stack, service: str, ready, record: dict) -> threading.Thread:
     """Restart ``service`` once ``ready()`` holds (polled); notes when and how long it was away."""
     def watch():

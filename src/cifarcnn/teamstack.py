@@ -249,13 +249,15 @@ class Stack:
                             f"database_uri = {users}\n"
                             f"admin_username = {MLFLOW_ADMIN}\nadmin_password = {keys['TEAM_MLFLOW_PASSWORD']}\n"
                             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        # The store URI holds the database password: it goes in the environment (readable by this
+        # user only), not in argv, which every user on the machine can read with `ps`.
         env = {**self.s3_env(), "MLFLOW_S3_ENDPOINT_URL": state["s3_url"], "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": keys["TEAM_MLFLOW_PASSWORD"],
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": keys["TEAM_MLFLOW_PASSWORD"], "MLFLOW_BACKEND_STORE_URI": backend,
                # MLflow 3's job runner (GenAI jobs this project never submits): seven more Python processes
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         state["pids"]["mlflow"] = self._spawn("mlflow", [
             str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
-            "--backend-store-uri", backend, "--artifacts-destination", "s3://mlflow/artifacts",
+            "--artifacts-destination", "s3://mlflow/artifacts",
             "--host", self.host, "--port", str(state["ports"]["mlflow"]), "--workers", "2"], env)
         self._save(state)
         _wait("mlflow server", lambda: _http_status(f"{state['mlflow_uri']}/health") == 200, 180,
@@ -326,13 +328,20 @@ class Stack:
 
     def configure_dvc_remote(self, repo: Path, name: str = "team") -> None:
         """`dvc remote add -d team s3://dvc/cache` with the store's endpoint; the keys go to
-        .dvc/config.local (git-ignored by DVC), never to .dvc/config."""
+        .dvc/config.local (git-ignored by DVC), never to .dvc/config, and never through argv
+        (`dvc remote modify --local team secret_access_key KEY` shows KEY to every `ps`, and
+        a key that starts with "-" is read as an option)."""
+        from dvc.config import Config
+
         state, s3 = self.state(), self.s3_env()
         for args in (["remote", "add", "-d", "-f", name, "s3://dvc/cache"],
-                     ["remote", "modify", name, "endpointurl", state["s3_url"]],
-                     ["remote", "modify", "--local", name, "access_key_id", s3["AWS_ACCESS_KEY_ID"]],
-                     ["remote", "modify", "--local", name, "secret_access_key", s3["AWS_SECRET_ACCESS_KEY"]]):
+                     ["remote", "modify", name, "endpointurl", state["s3_url"]]):
             subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True)
+        local = Path(repo) / ".dvc" / "config.local"
+        local.touch(mode=0o600)  # before the keys are in it
+        with Config(dvc_dir=str(Path(repo) / ".dvc")).edit("local") as conf:
+            conf["remote"].setdefault(name, {}).update(
+                {"access_key_id": s3["AWS_ACCESS_KEY_ID"], "secret_access_key": s3["AWS_SECRET_ACCESS_KEY"]})
 
 
 def _kill_group(pid: int, timeout: float = 5) -> None:
