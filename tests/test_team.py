@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -128,14 +129,14 @@ def test_dvc_remote_keys_go_to_config_local_even_when_they_look_like_options(tmp
     repo = tmp_path / "repo"
     repo.mkdir()
     sh(["git", "init", "-q"], repo, dict(os.environ))
-    sh(["dvc", "init", "-q"], repo, dict(os.environ))
+    sh([sys.executable, "-m", "dvc", "init", "-q"], repo, dict(os.environ))
     stack.configure_dvc_remote(repo)
     shared, local = (repo / ".dvc" / "config").read_text(), (repo / ".dvc" / "config.local").read_text()
     assert "-f1yG5dGAJZN-8vmiJbciPVakpP-TYHs" not in shared and "endpointurl = http://127.0.0.1:9" in shared
     assert "secret_access_key = -f1yG5dGAJZN-8vmiJbciPVakpP-TYHs" in local
     assert f"access_key_id = {stack.secrets()['TEAM_S3_ACCESS_KEY']}" in local
     assert oct(os.stat(repo / ".dvc" / "config.local").st_mode & 0o777) == "0o600"
-    remote = sh(["dvc", "config", "remote.team.secret_access_key"], repo, dict(os.environ))
+    remote = sh([sys.executable, "-m", "dvc", "config", "remote.team.secret_access_key"], repo, dict(os.environ))
     assert remote.strip() == "-f1yG5dGAJZN-8vmiJbciPVakpP-TYHs"
 
 
