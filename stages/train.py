@@ -3,8 +3,8 @@
 Reads configs/<run>.json (written by `configure@<run>`). Outputs, under models/<run>/seed<seed>/
 and results/<run>/seed<seed>/: best.pt (lowest validation loss), train.json (numbers only),
 run.json (the MLflow run id, device, data), config.json, curves.csv and train_loss.csv (the
-evaluate stage draws them). A killed run resumes from models/<run>/seed<seed>/resume.pt, which is
-not a DVC output.
+evaluate stage draws them). A killed run resumes from models/<run>/seed<seed>/resume-<key>.pt
+(key: config, seed, data, training code), which is not a DVC output.
 """
 import json
 import sys

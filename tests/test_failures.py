@@ -18,7 +18,9 @@ from mlflow.tracking import MlflowClient
 
 from cifarcnn import pipeline, tracking, training
 from cifarcnn.errors import UserError
-from cifarcnn.fsutil import staged_outputs, write_json, write_text
+from cifarcnn.errors import Interrupted
+from cifarcnn.fsutil import staged_outputs, try_lock, write_json, write_text
+from cifarcnn.runfiles import RESUME_GLOB, resume_file
 from cifarcnn.pipeline import train_and_track
 
 
@@ -228,7 +230,8 @@ def test_store_down_at_the_end_keeps_the_training_and_the_next_run_only_logs(sto
     ds = tiny_dataset(300, 60)
     with pytest.raises(UserError, match=r"did not take the run's metrics for 1 s \(ConnectionError: server restarting\)"):
         train_and_track(cfg, ds, store / "models", store / "results")
-    assert (store / "models" / "resume.pt").exists() and (store / "models" / "best.pt").exists()
+    resume = resume_file(store / "models", training.resume_key(cfg, ds))
+    assert resume.exists() and (store / "models" / "best.pt").exists()
     assert not (store / "results").exists() or not list((store / "results").iterdir())
     client = MlflowClient(tracking.tracking_uri())
     (failed,) = training_runs(client, cfg.experiment)
@@ -246,13 +249,63 @@ def test_store_down_at_the_end_keeps_the_training_and_the_next_run_only_logs(sto
     monkeypatch.setattr(pipeline, "load_checkpoint", counted)
     monkeypatch.setattr(training, "load_checkpoint", counted)
     metrics = train_and_track(cfg, ds, store / "models", store / "results")
-    assert reads.count("resume.pt") == 1  # the MLflow run id and the state come from one read
+    assert reads.count(resume.name) == 1  # the MLflow run id and the state come from one read
     assert re.search(rf"resuming task2 from step {metrics['steps']} ", capsys.readouterr().out)
     assert metrics["mlflow_run_id"] == failed.info.run_id and metrics["resumed_from_step"] == metrics["steps"]
     run = client.get_run(failed.info.run_id)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "curves/train_loss")] == list(range(1, metrics["steps"] + 1))
-    assert not (store / "models" / "resume.pt").exists()
+    assert not resume.exists()
     unbroken = train_and_track(cfg, ds, store / "models2", store / "results2")
     keys = ["best_val_loss", "best_val_acc", "best_step", "steps"]
     assert {k: unbroken[k] for k in keys} == {k: metrics[k] for k in keys}
+
+
+def test_interrupted_run_is_killed_and_left_alone_by_a_run_with_other_params(store, monkeypatch, capsys):
+    """SIGTERM (Interrupted) mid-training: the run reads KILLED and its state is kept. A run with
+    another lr neither re-opens that run nor uses the state: it says in one line why it left it.
+    Putting the lr back continues the killed run in the same MLflow run."""
+    cfg, ds = tiny_run("task2", batch_size=32, evals_per_epoch=2, epochs=2), tiny_dataset(300, 60)
+    real_save = training.save_checkpoint
+
+    def save_then_stop(path, payload):
+        real_save(path, payload)
+        if path.name.startswith("resume-"):
+            raise Interrupted(15)  # what errors.cli's SIGTERM handler raises
+    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        train_and_track(cfg, ds, store / "models", store / "results")
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    client = MlflowClient(tracking.tracking_uri())
+    (killed,) = training_runs(client, cfg.experiment)
+    assert killed.info.status == "KILLED"
+    [state] = (store / "models").glob(RESUME_GLOB)
+    assert f"MLflow run {killed.info.run_id} marked KILLED; `dvc repro` continues it from {state}" in capsys.readouterr().out
+
+    other = cfg.replace(lr=0.002)
+    metrics = train_and_track(other, ds, store / "models", store / "results")
+    out = capsys.readouterr().out
+    assert f"left {state} as it is: it was saved at step 4 with lr {cfg.lr} -> 0.002; it resumes if those come back" in out
+    assert metrics["mlflow_run_id"] != killed.info.run_id and metrics["resumed_from_step"] is None
+    assert client.get_run(killed.info.run_id).info.status == "KILLED" and state.exists()
+
+    again = train_and_track(cfg, ds, store / "models", store / "results")
+    assert again["mlflow_run_id"] == killed.info.run_id and again["resumed_from_step"] == 4
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED" and not state.exists()
+
+
+def test_a_state_in_use_is_not_shared(store, capsys):
+    """Two copies with the same config and seed (a queued experiment while the workspace trains):
+    the second trains without the first's resume state and says so; the first's is untouched."""
+    cfg, ds = tiny_run("task2", batch_size=32, evals_per_epoch=2), tiny_dataset(300, 60)
+    state = resume_file(store / "models", training.resume_key(cfg, ds))
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"the other process's state")
+    held = try_lock(state.with_suffix(".lock"))  # another open file description: as another process
+    assert held is not None
+    try:
+        metrics = train_and_track(cfg, ds, store / "models", store / "results")
+    finally:
+        os.close(held)
+    assert f"{state} is in use by another process training the same config and seed" in capsys.readouterr().out
+    assert metrics["resumed_from_step"] is None and state.read_bytes() == b"the other process's state"

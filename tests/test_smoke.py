@@ -394,27 +394,57 @@ def _umask() -> int:
     return mask
 
 
-def test_killed_training_resumes_under_dvc_repro(project):
-    """SIGKILL of `python stages/train.py task3e` mid-run; `dvc repro` again resumes it in the same
-    MLflow run, with no step logged twice, and ends with the numbers of an unbroken run."""
+def test_dvc_stopped_mid_training_marks_the_run_killed_and_resumes_it(project):
+    """SIGTERM to `dvc repro` alone (DVC does not pass it on) while task3e trains. Read from this
+    process meanwhile, the MLflow run is RUNNING; the stage then stops too (no orphan), the run
+    reads KILLED, the resume state is kept. With another lr, `dvc repro` leaves that state alone
+    (one line says why) and trains a new run. With the lr back it continues the killed run in the
+    same MLflow run, no step logged twice, and ends with the numbers of an unbroken run."""
+    import signal
+    import time
+
     repo, env, _ = project
     original = (repo / "params.yaml").read_text()
-    set_param(repo, "max_epochs", "6")  # 6 epochs x 8 steps: long enough to be killed in the middle
-    resume = repo / "models" / "task3e" / "seed0" / "resume.pt"
-    resume.unlink(missing_ok=True)  # only the state this run writes may trigger the kill
+    set_param(repo, "max_epochs", "6")  # 6 epochs x 8 steps: long enough to be stopped in the middle
+    folder = repo / "models" / "task3e" / "seed0"
+    for old in folder.glob("resume-*"):
+        old.unlink()
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     try:
         dvc = subprocess.Popen(["dvc", "repro", "train@task3e-0"], cwd=repo, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-        kill_stage_process(repo, "stages/train.py task3e 0", resume.exists)
-        killed_output = dvc.communicate(timeout=300)[0]
-        assert dvc.returncode != 0, killed_output
-        assert resume.exists(), killed_output
+        deadline = time.time() + 300
+        while True:  # a resume point written, and the run RUNNING as another process reads it
+            running = [r for r in mlflow_runs(repo) if r.info.run_name == "task3e-0" and r.info.status == "RUNNING"]
+            if running and list(folder.glob("resume-*.pt")):
+                break
+            assert dvc.poll() is None and time.time() < deadline, dvc.communicate()[0]
+            time.sleep(0.1)
+        assert _stage_pids(repo, "stages/train.py task3e 0")
+        dvc.send_signal(signal.SIGTERM)
+        stopped = dvc.communicate(timeout=120)[0]
+        assert dvc.returncode != 0, stopped
+        while _stage_pids(repo, "stages/train.py task3e 0"):  # the parent watch: within a second or two
+            assert time.time() < deadline, "the training outlived dvc repro"
+            time.sleep(0.1)
+        (killed,) = running
+        assert client.get_run(killed.info.run_id).info.status == "KILLED"
+        [state] = folder.glob("resume-*.pt")
+
+        set_param(repo, "lr", "0.0009")
+        other = sh(["dvc", "repro", "train@task3e-0"], repo, env)
+        assert f"left {state} as it is: it was saved at step " in other and "lr 0.0006 -> 0.0009" in other, other
+        assert "resuming" not in other and state.exists()
+        assert merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")["mlflow_run_id"] != killed.info.run_id
+        assert client.get_run(killed.info.run_id).info.status == "KILLED"
+
+        set_param(repo, "lr", "0.0006")
         resumed = sh(["dvc", "repro", "train@task3e-0"], repo, env)
         assert re.search(r"resuming task3e from step \d+", resumed), resumed
-        assert not resume.exists()  # removed once MLflow holds the run
+        assert not list(folder.glob("resume-*"))  # state and lock removed once MLflow holds the run
         metrics = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")
+        assert metrics["mlflow_run_id"] == killed.info.run_id
         assert metrics["resumed_from_step"] and metrics["steps"] > metrics["resumed_from_step"]
-        client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
         run = client.get_run(metrics["mlflow_run_id"])
         assert run.info.status == "FINISHED"
         for key in ("curves/train_loss", "curves/val_loss", "curves/val_acc"):
@@ -444,13 +474,14 @@ def test_killed_queued_experiment_resumes_on_the_next_run(project):
     import time
 
     repo, env, _ = project
-    resume = repo / "models" / "task3e" / "seed0" / "resume.pt"
-    resume.unlink(missing_ok=True)
+    folder = repo / "models" / "task3e" / "seed0"
+    for old in folder.glob("resume-*"):
+        old.unlink()
     args = ["train@task3e-0", "-S", "train.max_epochs=6", "-S", "lr=0.0007"]
     try:
         sh(["dvc", "exp", "run", "--queue", *args, "--name", "killed"], repo, env)
         start_queue(repo, env)
-        kill_stage_process(repo, "stages/train.py task3e 0", resume.exists)
+        kill_stage_process(repo, "stages/train.py task3e 0", lambda: list(folder.glob("resume-*.pt")))
         deadline = time.time() + 300
         while True:
             status = sh(["dvc", "queue", "status"], repo, env)
@@ -458,10 +489,10 @@ def test_killed_queued_experiment_resumes_on_the_next_run(project):
                 break
             assert time.time() < deadline, status
             time.sleep(2)
-        assert resume.exists()
+        [state] = folder.glob("resume-*.pt")
         again = sh(["dvc", "exp", "run", "--temp", *args, "--name", "again"], repo, env)
         assert re.search(r"resuming task3e from step \d+", again), again
-        assert not resume.exists()
+        assert not state.exists()
     finally:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)
 

@@ -21,7 +21,7 @@ from cifarcnn.errors import UserError
 from cifarcnn.step import GraphedStep
 from cifarcnn.checkpoint import load_best_model
 from cifarcnn.device import resolve_device
-from cifarcnn.runfiles import BEST, RESUME
+from cifarcnn.runfiles import BEST, RESUME_GLOB, resume_file
 from cifarcnn.training import NonFiniteLoss, should_stop, train
 
 RUNS = list(resolve_all(tiny_params()))
@@ -54,7 +54,7 @@ def test_one_step_of_every_run(name, tmp_path):
         assert 0.0 <= result.metrics[f"{split}_acc"] <= 1.0 and math.isfinite(result.metrics[f"{split}_loss"])
     ckpt = torch.load(tmp_path / BEST, weights_only=True)
     assert ckpt["config"]["name"] == name and ckpt["step"] == 1
-    assert not (tmp_path / RESUME).exists()
+    assert not list(tmp_path.glob(RESUME_GLOB))
 
 
 @pytest.mark.parametrize("losses, stop_at", [
@@ -102,7 +102,7 @@ KILLABLE = textwrap.dedent("""
     slow = training.save_checkpoint
     def save_then_sleep(path, payload):
         slow(path, payload)
-        if path.name == "resume.pt":
+        if path.name.startswith("resume-"):
             time.sleep(0.5)  # give the test time to kill us right after a resume point
     training.save_checkpoint = save_then_sleep
     cfg = tiny_run("task3e", epochs=2, batch_size=16, evals_per_epoch=2, early_stop_count=None)
@@ -116,11 +116,12 @@ def test_resume_after_sigkill_gives_the_same_result(tmp_path):
     script = KILLABLE.format(tests=str(Path(__file__).parent), out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while not (out / RESUME).exists():
+    while not list(out.glob(RESUME_GLOB)):
         assert proc.poll() is None, proc.stdout.read().decode()
         assert time.time() < deadline, "no resume checkpoint within 120 s"
         time.sleep(0.05)
-    state = torch.load(out / RESUME, weights_only=True)
+    [saved] = out.glob(RESUME_GLOB)
+    state = torch.load(saved, weights_only=True)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert state["step"] < 2 * (180 // 16)  # killed before the end
@@ -132,16 +133,17 @@ def test_resume_after_sigkill_gives_the_same_result(tmp_path):
     keys = [k for k in unbroken.metrics if k.endswith(("_acc", "_loss"))] + ["best_step", "steps"]
     assert {k: resumed.metrics[k] for k in keys} == {k: unbroken.metrics[k] for k in keys}
     assert resumed.history.losses == unbroken.history.losses
-    assert not (out / RESUME).exists()
+    assert not saved.exists()
 
 
-def test_resume_state_of_other_params_is_ignored(tmp_path, capsys):
-    cfg = tiny_run("task2", batch_size=32)
-    train(cfg, tiny_dataset(200, 40), tmp_path)
-    torch.save({"config": {"name": "other"}, "step": 3}, tmp_path / RESUME)
-    result = train(cfg, tiny_dataset(200, 40), tmp_path)
+def test_resume_state_that_does_not_match_its_name_is_ignored(tmp_path, capsys):
+    """The file name says which run a state continues; its contents are checked all the same."""
+    cfg, ds = tiny_run("task2", batch_size=32), tiny_dataset(200, 40)
+    path = resume_file(tmp_path, training.resume_key(cfg, ds))
+    torch.save({"config": {"name": "other"}, "step": 3}, path)
+    result = train(cfg, ds, tmp_path)
     assert result.resumed_from_step is None
-    assert "ignoring" in capsys.readouterr().out
+    assert f"ignoring {path}: it was saved with other params" in capsys.readouterr().out
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
@@ -180,7 +182,7 @@ def test_resume_after_the_stopping_validation_does_not_train_on(tmp_path, monkey
     real_unlink = Path.unlink
 
     def crash_instead_of_cleanup(self, missing_ok=False):
-        if self.name == RESUME:
+        if self.name.startswith("resume-"):
             raise KeyboardInterrupt  # "killed" just before the resume state would be removed
         return real_unlink(self, missing_ok=missing_ok)
 
@@ -275,26 +277,24 @@ def test_augmenting_several_steps_at_once_gives_each_step_its_batch(ahead):
     assert not torch.equal(one[0][0], one[1][0])
 
 
-@pytest.mark.parametrize("change, reason", [
-    ("params", "it was saved with other params"),
-    ("data", "it was saved with other data"),
-    ("code", "the training code changed since it was saved"),
-])
-def test_resume_state_is_discarded_with_the_reason(change, reason, tmp_path, monkeypatch, capsys):
-    cfg = tiny_run("task2", batch_size=32)
-    train(cfg, tiny_dataset(200, 40), tmp_path, keep_resume=True)
-    assert (tmp_path / RESUME).exists()  # the finished state, kept for the caller
-    ds = tiny_dataset(200, 40)
+@pytest.mark.parametrize("change", ["params", "data", "code"])
+def test_resume_state_of_another_config_is_left_alone(change, tmp_path, monkeypatch):
+    """Other params, data or training code: another key, so another file. The old state is
+    neither used nor deleted (changing the param back resumes it)."""
+    cfg, ds = tiny_run("task2", batch_size=32), tiny_dataset(200, 40)
+    train(cfg, ds, tmp_path, keep_resume=True)
+    [kept] = tmp_path.glob(RESUME_GLOB)  # the finished state, kept for the caller
+    assert kept == resume_file(tmp_path, training.resume_key(cfg, ds))
     if change == "params":
         cfg = tiny_run("task2", batch_size=32, lr=0.01)
     elif change == "data":
         ds = tiny_dataset(200, 40, seed=5)
     else:
         monkeypatch.setattr(training, "code_digest", lambda module: "edited")
-    capsys.readouterr()
+    assert training.resume_key(cfg, ds) not in kept.name
     result = train(cfg, ds, tmp_path)
     assert result.resumed_from_step is None
-    assert f"ignoring {tmp_path / RESUME}: {reason}; training task2 from the start" in capsys.readouterr().out
+    assert list(tmp_path.glob(RESUME_GLOB)) == [kept]
 
 
 def test_a_finished_state_resumes_without_training(tmp_path, capsys):

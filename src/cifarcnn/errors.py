@@ -5,8 +5,10 @@ import atexit
 import contextlib
 import functools
 import os
+import signal
 import sys
 import threading
+import time
 from typing import Callable, Iterator, NoReturn
 
 
@@ -19,6 +21,62 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP (``kill``, a CI timeout, a closed terminal, DVC gone): unwinds like
+    KeyboardInterrupt, so a run is marked KILLED and its resume state kept on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    raise Interrupted(signum)
+
+
+SHELLS = {"sh", "bash", "dash", "zsh", "fish"}  # what DVC runs a stage's cmd with ($SHELL -c)
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(command name, parent pid) of ``pid`` from /proc, or None when it is gone."""
+    try:
+        text = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+    return name, int(rest[1])
+
+
+def watch_parent(interval_s: float = 1.0) -> None:
+    """SIGTERM to this process once whoever started it is gone.
+
+    DVC does not pass SIGTERM on to the stage it runs: without this, `kill <dvc>` leaves the
+    training running as an orphan that writes outputs no dvc.lock records. The parent is DVC, or
+    a shell DVC started (then DVC is watched too). Polled (Linux /proc; elsewhere the parent pid
+    alone): PR_SET_PDEATHSIG would fire when the *thread* that started us ends, not the process.
+    """
+    parent = os.getppid()
+    stat = _stat(parent)
+    grandparent = stat[1] if stat and stat[0] in SHELLS else None
+
+    def gone() -> bool:
+        if os.getppid() != parent:  # re-parented: the parent died
+            return True
+        if grandparent is not None:
+            shell = _stat(parent)
+            return shell is None or shell[1] != grandparent
+        return False
+
+    def loop() -> None:
+        while not gone():
+            time.sleep(interval_s)
+        print(f"error: the process that started this stage (pid {parent}) is gone; stopping", file=sys.stderr,
+              flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=loop, name="watch-parent", daemon=True).start()
 
 
 # Marks of a stage's time, as audit events: free unless a hook listens (bench/stage_overhead.py
@@ -56,8 +114,10 @@ def exit_now(code: int) -> NoReturn:
 def cli(main: Callable[..., object]) -> Callable[..., None]:
     """Decorate a stage's ``main`` so a :class:`UserError` ends in one clear line.
 
-    Run as a script (``main`` defined in ``__main__``), the process then ends through ``exit_now``;
-    imported (tests), ``main`` returns or raises SystemExit as usual.
+    Run as a script (``main`` defined in ``__main__``), SIGTERM and SIGHUP unwind the stage as
+    :class:`Interrupted` (a run is marked KILLED, its resume state kept), the stage stops when
+    its parent (DVC) is gone, and the process ends through ``exit_now``; imported (tests),
+    ``main`` returns or raises SystemExit as usual.
     """
     as_script = main.__module__ == "__main__"
 
@@ -70,6 +130,10 @@ def cli(main: Callable[..., object]) -> Callable[..., None]:
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> None:
         sys.audit(STAGE_EVENT, "main")  # bench/stage_overhead.py: what came before is start-up and imports
+        if as_script:
+            for signum in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, _raise_interrupted)
+            watch_parent()
         try:
             main(*args, **kwargs)
             sys.audit(STAGE_EVENT, "main_end")
@@ -77,8 +141,11 @@ def cli(main: Callable[..., object]) -> Callable[..., None]:
             print(f"error: {err}", file=sys.stderr)
             finish(2)
         except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
+            print("error: interrupted (SIGINT)", file=sys.stderr)
             finish(130)
+        except Interrupted as err:
+            print(f"error: stopped by {err}", file=sys.stderr)
+            finish(128 + err.signum)
         else:
             finish(0)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -129,3 +130,53 @@ def file_digest(path: str | os.PathLike, algorithm: str) -> str:
         for block in iter(lambda: fh.read(DIGEST_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def try_lock(path: str | os.PathLike) -> int | None:
+    """An exclusive lock on ``path`` (created) for as long as this process holds the returned
+    descriptor, or None when another process holds it. The kernel drops it when the process
+    dies, even by SIGKILL, so a killed run never leaves it held. Safe against release_lock's
+    removal: a lock taken on a file that was removed meanwhile is dropped and taken again."""
+    path = Path(path)
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        except OSError as err:
+            raise write_error(path, err) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # removed (and perhaps made again) between our open and our lock
+
+
+def release_lock(fd: int, path: str | os.PathLike, remove: bool) -> None:
+    """Let go of try_lock's lock; ``remove`` the lock file first (still holding it), so nothing
+    is left beside a run that has nothing left to resume."""
+    try:
+        if remove:
+            Path(path).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def is_locked(path: str | os.PathLike) -> bool:
+    """Whether another process holds ``path``'s lock (try_lock) now."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 BEST = "best.pt"  # the checkpoint with the lowest validation loss (a DVC output)
-RESUME = "resume.pt"  # the latest state, for resuming a killed run; removed when the run ends
+RESUME_GLOB = "resume-*.pt"  # the latest state of a killed run, one file per key; removed when the run ends
 CURVES_CSV = "curves.csv"  # one row per validation: step, epoch, train_loss, val_loss, val_acc
 TRAIN_LOSS_CSV = "train_loss.csv"  # training loss, mean and std over 50-step blocks
 
@@ -14,6 +14,12 @@ TRAIN_LOSS_CSV = "train_loss.csv"  # training loss, mean and std over 50-step bl
 def run_dirs(run_name: str, seed: int) -> tuple[Path, Path]:
     """(models/<run>/seed<seed>, results/<run>/seed<seed>): one folder per trained seed."""
     return Path("models") / run_name / f"seed{seed}", Path("results") / run_name / f"seed{seed}"
+
+
+def resume_file(folder: Path, key: str) -> Path:
+    """The resume state of the run whose config, seed, data and training code give ``key``
+    (training.resume_key): a copy with other params never finds it, and two never share it."""
+    return Path(folder) / f"resume-{key}.pt"
 
 
 def _number(field: str, text: str) -> int | float:

@@ -319,6 +319,17 @@ class MlflowRun:
             self._pending.clear()
             self._cond.notify_all()
 
+    def mark_killed(self, run_id: str) -> None:
+        """Another run of this store whose process is known to be gone: KILLED if it still reads
+        RUNNING (a SIGKILL leaves no chance to say so itself). One quick try; this store may
+        not hold it (the state was saved against another one)."""
+        try:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, "KILLED")
+                print(f"MLflow run {run_id} marked KILLED: its process is gone", flush=True)
+        except Exception:  # noqa: BLE001 - not this store's run, or the store is busy: the record stays as it is
+            pass
+
     def finish(self, status: str = "FINISHED") -> None:
         if status == "FINISHED":
             self._retrying("end run", self.client.set_terminated, self.run_id, status)

@@ -14,6 +14,7 @@ Fixed on purpose: augmentation only on training batches; accuracy counted per im
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import time
@@ -35,7 +36,7 @@ from .data import Dataset
 from .device import resolve_device, use_channels_last
 from .errors import UserError
 from .models import create_model
-from .runfiles import BEST, RESUME
+from .runfiles import BEST, resume_file
 from .scoring import evaluate
 from .step import EagerStep, GraphedStep, StepFn
 
@@ -130,6 +131,16 @@ def data_fingerprint(ds: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def resume_key(cfg: RunConfig, ds: Dataset) -> str:
+    """What a resume state continues: the resolved config (seed included), the data and the
+    training code. Its file is named by it (runfiles.resume_file), so the question "may this
+    state continue this run?" is settled by the name, before anything is opened."""
+    digest = hashlib.sha256()
+    for part in (cfg.to_dict(), data_fingerprint(ds), code_digest(__name__)):
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
 def resume_mismatch(state: dict, config: dict, data: str, code: str) -> str | None:
     """Why a saved resume state cannot continue this run (None: it can)."""
     if state.get("config") != config:
@@ -169,7 +180,7 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
           keep_resume: bool = False, score: bool = True, resume_state: dict | None = None) -> TrainResult:
     """Train ``cfg`` on ``ds``; the best checkpoint goes to ``out_dir``/best.pt.
 
-    The resume state (``resume_dir``/resume.pt, default ``out_dir``) is written at every
+    The resume state (``resume_dir``/resume-<resume_key>.pt, default ``out_dir``) is written at every
     validation and holds everything to continue a killed run, the best weights included (DVC
     deletes best.pt before it re-runs a stage). It is discarded, with the reason printed, when
     params, data or training code differ. ``keep_resume`` leaves the final state in place for
@@ -211,7 +222,7 @@ def train(cfg: RunConfig, ds: Dataset, out_dir: str | Path, logger: RunLogger | 
     start_step = 0
     fingerprint, code = data_fingerprint(ds), code_digest(__name__)
     config_dict = cfg.to_dict()
-    resume_path, best_path = Path(resume_dir or out_dir) / RESUME, out_dir / BEST
+    resume_path, best_path = resume_file(Path(resume_dir or out_dir), resume_key(cfg, ds)), out_dir / BEST
 
     def save_best() -> None:
         save_checkpoint(best_path, {"model": best_weights, "config": config_dict, "classes": list(ds.classes), **best})
