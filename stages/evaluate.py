@@ -8,7 +8,6 @@ usable model (cifarcnn.serving; registered when the run names a registry entry) 
 MLflow run (the id from run.json). Drawing and model logging here, not in the train stage, mean
 a change to a plot or to the served model's wrapper never re-trains a model.
 """
-import json
 import sys
 
 from cifarcnn import figures
@@ -17,7 +16,7 @@ from cifarcnn.config import load_params
 from cifarcnn.data import Dataset
 from cifarcnn.errors import cli, work
 from cifarcnn.evaluation import EVAL_METRICS, evaluate_checkpoint, predictions_csv
-from cifarcnn.fsutil import split_metrics, staged_outputs, write_json, write_text
+from cifarcnn.fsutil import read_json, split_metrics, staged_outputs, write_json, write_text
 from cifarcnn.runfiles import BEST, load_curves, run_dirs
 from cifarcnn.serving import log_classifier
 from cifarcnn.tracking import log_evaluation
@@ -27,7 +26,7 @@ from cifarcnn.tracking import log_evaluation
 def main(run_name: str, seed: str) -> None:
     params = load_params()
     models, results = run_dirs(run_name, int(seed))
-    train_info = json.loads((results / "run.json").read_text())
+    train_info = read_json(results / "run.json")
     best = verified_checkpoint(models / BEST, train_info.get("checkpoint_sha256"), f"train@{run_name}-{seed}")
     ds = Dataset.load("data/cifar10.npz")
     with work():

@@ -6,14 +6,13 @@ report's paired claims tested), the run figures under reports/figures/runs/, eac
 averaged over seeds under reports/curves/ (the top-level DVC plots), and the seeds' aggregates
 onto each run's parent MLflow run.
 """
-import json
 import shutil
 from pathlib import Path
 
 from cifarcnn import figures
 from cifarcnn.config import RunConfig, config_digest, load_params, resolve_seeds, run_names
 from cifarcnn.errors import UserError, cli
-from cifarcnn.fsutil import csv_text, write_text
+from cifarcnn.fsutil import csv_text, read_json, write_text
 from cifarcnn.report import aggregates, load_results, mean_curves, results_markdown
 from cifarcnn.runfiles import load_curves, run_dirs
 from cifarcnn.tracking import log_aggregates
@@ -63,13 +62,13 @@ def main() -> None:
         figures.dropout_comparison(with_d, without, RUN_FIGURES / "task3d_dropout.png")
         figs["task3d"] = "figures/runs/task3d_dropout.png"
     viz_path, split_path = RESULTS / "visualize.json", RESULTS / "split.json"
-    viz = json.loads(viz_path.read_text()) if viz_path.exists() else None
-    split = json.loads(split_path.read_text()) if split_path.exists() else None
+    viz = read_json(viz_path) if viz_path.exists() else None
+    split = read_json(split_path) if split_path.exists() else None
     for name in ("task4b_first_layer", "task4c_last_layer", "task4b_first_layer_task4a", "task4c_last_layer_task4a"):
         if (REPORTS / "figures" / f"{name}.png").exists():
             key = name.replace("_first_layer", "").replace("_last_layer", "")
             figs[key] = f"figures/{name}.png"
-    task1 = json.loads((REPORTS / "task1.json").read_text())
+    task1 = read_json(REPORTS / "task1.json")
     write_text(REPORTS / "report.md", results_markdown(results, task1, viz, figs, split))
     print(f"wrote {REPORTS / 'report.md'} ({len(results)} runs, seeds {', '.join(map(str, seeds))})")
 

@@ -6,13 +6,13 @@ run.json (the MLflow run id, device, data), config.json, curves.csv and train_lo
 evaluate stage draws them). A killed run resumes from models/<run>/seed<seed>/resume-<key>.pt
 (key: config, seed, data, training code), which is not a DVC output.
 """
-import json
 import sys
 from pathlib import Path
 
 from cifarcnn.config import RunConfig
 from cifarcnn.data import Dataset
 from cifarcnn.errors import UserError, cli
+from cifarcnn.fsutil import read_json
 from cifarcnn.pipeline import train_and_track
 from cifarcnn.runfiles import run_dirs
 
@@ -24,7 +24,7 @@ def main(run_name: str, seed: str) -> None:
     config = Path("configs") / f"{run_name}.json"
     if not config.exists():
         raise UserError(f"{config} does not exist; run `dvc repro configure@{run_name}` (or dvc repro) first")
-    cfg = RunConfig.from_dict(json.loads(config.read_text()), seed=int(seed))
+    cfg = RunConfig.from_dict(read_json(config), seed=int(seed))
     model_dir, results_dir = run_dirs(run_name, cfg.seed)
     metrics = train_and_track(cfg, Dataset.load(DATA), model_dir, results_dir)
     print(f"{run_name} seed {seed}: best validation loss {metrics['best_val_loss']:.4f}, accuracy "

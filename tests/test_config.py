@@ -44,6 +44,9 @@ def mutate(fn):
     (lambda p: p["train"].update(seeds=3), r"train\.seeds: expected a list, got 3"),
     (lambda p: p["train"].update(seeds=[1, -2]), r"train\.seeds\[1\]: must be >= 0, got -2"),
     (lambda p: p["train"].update(seed=0), r"train\.seed: unknown key"),
+    (lambda p: p["train"].update(seeds=[0, 2**32]), r"train\.seeds\[1\]: must be < 4294967296, got 4294967296$"),
+    (lambda p: p["runs"].update({"task 2": p["runs"]["task2"]}), r"runs\.task 2: a run's name must be lowercase letters, digits and _"),
+    (lambda p: p["runs"].update({"a/b": p["runs"]["task2"]}), r"runs\.a/b: a run's name must be lowercase"),
 ])
 def test_bad_run_params_name_the_key(change, message):
     with pytest.raises(UserError, match=message) as err:

@@ -309,3 +309,18 @@ def test_a_state_in_use_is_not_shared(store, capsys):
         os.close(held)
     assert f"{state} is in use by another process training the same config and seed" in capsys.readouterr().out
     assert metrics["resumed_from_step"] is None and state.read_bytes() == b"the other process's state"
+
+
+def test_truncated_metrics_file_is_named(tmp_path):
+    """`dvc repro -s report` over a train.json cut short: one line naming the file and the fix."""
+    from cifarcnn.report import load_results
+
+    folder = tmp_path / "task2" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "train.json").write_text('{"best_val_loss": 1.2')
+    (folder / "eval.json").write_text("{}")
+    with pytest.raises(UserError) as err:
+        load_results(tmp_path, ["task2"], [0])
+    message = str(err.value)
+    assert message.startswith(f"{folder / 'train.json'} is not valid JSON (") and "\n" not in message
+    assert f"`dvc checkout {folder / 'train.json'}` restores it" in message

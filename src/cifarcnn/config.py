@@ -26,6 +26,8 @@ PARAMS_FILE = "params.yaml"
 # Strict scalars: YAML's `true` is no integer and `"0.1"` no number (an int is a fine float).
 PositiveInt = Annotated[int, Strict(), Field(ge=1)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]  # numpy's seeds are 32-bit
+RUN_NAME = re.compile(r"[a-z0-9_]+")  # it names DVC stages (train@<run>-<seed>), folders and MLflow runs
 Number = Annotated[float, Strict()]
 PositiveNumber = Annotated[float, Strict(), Field(gt=0)]
 NonNegativeNumber = Annotated[float, Strict(), Field(ge=0)]
@@ -103,7 +105,7 @@ class RunSpec(Section):
 
 
 class TrainSection(Section):
-    seeds: Annotated[list[NonNegativeInt], Field(min_length=1)]
+    seeds: Annotated[list[Seed], Field(min_length=1)]
     max_epochs: PositiveInt | None
     val_fraction: Annotated[float, Strict(), Field(gt=0, le=0.5)]
     split_seed: NonNegativeInt
@@ -119,7 +121,7 @@ class TrainSection(Section):
 
 
 class _Seed(Section):
-    seed: NonNegativeInt
+    seed: Seed
 
 
 class MlflowSection(Section):
@@ -257,6 +259,10 @@ def _known_keys(model: type, loc: tuple) -> list[str]:
     return sorted(mapping.model_fields) if isinstance(mapping, type) and issubclass(mapping, BaseModel) else []
 
 
+def _number(x: int | float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"  # a seed bound reads 4294967296, not 4.29497e+09
+
+
 def _message(err: dict, model: type) -> str:
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "extra_forbidden":
@@ -264,8 +270,8 @@ def _message(err: dict, model: type) -> str:
         return "unknown key" + (f" (known: {', '.join(known)})" if known else "")
     if kind in _BOUNDS:
         bound = next(iter(ctx.values()))
-        return f"must be {_BOUNDS[kind]} {bound:g}, got {value:g}" if isinstance(value, (int, float)) else \
-            f"must be {_BOUNDS[kind]} {bound:g}"
+        return f"must be {_BOUNDS[kind]} {_number(bound)}, got {_number(value)}" if isinstance(value, (int, float)) \
+            else f"must be {_BOUNDS[kind]} {_number(bound)}"
     if kind == "literal_error":
         choices = re.findall(r"'(.*?)'", ctx.get("expected", ""))  # pydantic's "'sgd' or 'adam'"
         return f"expected one of {', '.join(choices)}, got {value!r}"
@@ -331,7 +337,12 @@ def _resolve_refs(value: Any, params: dict, where: str, takes_param: Any, loc: t
 
 
 def run_names(params: dict) -> list[str]:
-    return list(_section(params, "runs"))
+    names = list(_section(params, "runs"))
+    for name in names:
+        if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+            raise UserError(f"runs.{name}: a run's name must be lowercase letters, digits and _ (it names DVC "
+                            f"stages, folders and MLflow runs); rename it")
+    return names
 
 
 def config_digest(seedless: dict) -> str:
@@ -355,6 +366,7 @@ def resolve_run(params: dict, name: str, seed: int | None = None) -> RunConfig:
     runs = _section(params, "runs")
     if name not in runs:
         raise UserError(f"runs.{name}: no such run (runs: {', '.join(runs)})")
+    run_names(params)
     where = ("runs", name)
     raw = runs[name]
     if not isinstance(raw, dict):

@@ -46,6 +46,18 @@ def write_error(path: str | os.PathLike, err: BaseException) -> UserError:
     return UserError(f"could not write {path}: {reason}; fix the cause and re-run")
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file a stage wrote; a missing, truncated or garbled one is one line naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; run `dvc repro` (or `dvc checkout {path}`) to bring it back") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({str(err).splitlines()[0]}); it is damaged: "
+                        f"`dvc checkout {path}` restores it, or `dvc repro -f` the stage that writes it") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.

@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from .convmath import parameter_table
+from .fsutil import read_json
 from .models import count_parameters, create_model, list_models
 from .stats import ALPHA, CONFIDENCE, MIN_SEEDS, claim_sentence, paired, pooled_shift, summarize, verdict, welch
 
@@ -357,13 +358,11 @@ def load_results(results_dir: Path, runs: list[str], seeds: list[int]) -> dict[s
     """For each of ``runs``, its ``seeds`` that have both train.json and eval.json (with run.json,
     eval_detail.json and config.json beside them), in the report's order. Only the seeds asked
     for: a seed dropped from train.seeds leaves its folder behind, and it must not count."""
-    import json
-
     def read(path: Path, *beside: str) -> dict:  # a metrics file and the non-numbers beside it
-        out = json.loads(path.read_text())
+        out = read_json(path)
         for name in beside:
             if path.with_name(name).exists():
-                out.update(json.loads(path.with_name(name).read_text()))
+                out.update(read_json(path.with_name(name)))
         return out
 
     found: dict[str, list[dict]] = {}
@@ -375,7 +374,7 @@ def load_results(results_dir: Path, runs: list[str], seeds: list[int]) -> dict[s
                 found.setdefault(run, []).append({
                     "seed": seed, "train": read(folder / "train.json", "run.json"),
                     "eval": read(folder / "eval.json", "eval_detail.json"),
-                    "config": json.loads(config_json.read_text()) if config_json.exists() else None})
+                    "config": read_json(config_json) if config_json.exists() else None})
     order = {run: i for i, run in enumerate(REPORT_ORDER)}
     return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
