@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.server
 import os
 import pickle
+import shutil
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from helpers import tiny_params, write_params
 
 from cifarcnn import fetch as fetch_mod
 from cifarcnn.data import Dataset
-from cifarcnn.ingest import prepare, take_subset
+from cifarcnn.ingest import prepare, read_image_folder, take_subset
 from cifarcnn.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,11 +205,25 @@ def _bad_case(tmp_path: Path, case: str) -> tuple[str, str | None, str]:
         write_image_folder(src)
         (src / "train" / "cat" / "broken.jpg").write_bytes(b"nope")
         return str(src), None, r"broken.jpg: not a readable image"
+    if case == "nine_classes":
+        write_image_folder(src)
+        shutil.rmtree(src / "train" / "truck")
+        return str(src), None, r"train: expected the ten CIFAR-10 class folders \(.*\); missing: truck$"
+    if case == "eleven_classes":
+        write_image_folder(src)
+        shutil.copytree(src / "test" / "cat", src / "test" / "zebra")
+        return str(src), None, r"test: expected the ten CIFAR-10 class folders \(.*\); not a CIFAR-10 class: zebra$"
+    if case == "unknown_extension":
+        write_image_folder(src)
+        (src / "train" / "cat" / "x.webp").write_bytes(b"RIFF")
+        (src / "train" / "cat" / "y.gif").write_bytes(b"GIF8")
+        return str(src), None, r"train/cat/x\.webp: not a \.bmp/\.jpeg/\.jpg/\.png image \(and 1 more\); convert or remove it"
     raise AssertionError(case)
 
 
 BAD_CASES = ["truncated", "not_gzip", "missing_batch", "escaping_entry", "absolute_entry", "link_out",
-             "wrong_shape", "wrong_image_size", "empty_class", "not_an_image"]
+             "wrong_shape", "wrong_image_size", "empty_class", "not_an_image", "nine_classes", "eleven_classes",
+             "unknown_extension"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -221,6 +236,24 @@ def test_bad_input_is_one_clear_error_and_no_output(tmp_path, case):
     assert "\n" not in str(err.value)
     assert no_leftovers(out_dir) == []
     assert not (tmp_path / "evil.txt").exists()
+
+
+def test_sixteen_bit_and_palette_images_read_as_their_colours(tmp_path):
+    """A 16-bit grey PNG keeps its top 8 bits (Pillow's convert("RGB") would clip it to 255, almost
+    white); a palette PNG reads as its RGB colours."""
+    from PIL import Image
+
+    write_image_folder(tmp_path / "tree", n_train=40, n_test=20)
+    cat = sorted((tmp_path / "tree" / "train" / "cat").iterdir())
+    Image.fromarray(np.full((32, 32), 122 * 256 + 200, np.uint16)).save(cat[0])
+    colours = np.zeros((32, 32, 3), np.uint8)
+    colours[:16] = (200, 30, 90)
+    Image.fromarray(colours).convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(cat[1])
+    ds = read_image_folder(tmp_path / "tree")
+    files = sorted(p for c in CLASSES for p in (tmp_path / "tree" / "train" / c).iterdir())
+    first, second = files.index(cat[0]), files.index(cat[1])
+    assert (ds.train_x[first] == 122).all()
+    np.testing.assert_array_equal(ds.train_x[second], colours)
 
 
 def test_stage_script_prints_one_line_and_exits_2(tmp_path):

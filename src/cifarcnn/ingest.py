@@ -20,6 +20,11 @@ TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
 META = "batches.meta"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+# The ten classes, in CIFAR-10's label order (also alphabetical): an image folder must have
+# exactly these in train/ and in test/, so labels, the report's per-class tables and the served
+# model's class names mean what they say.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # Pillow's modes for 16-bit grey PNG/TIFF
 ORDER_ARCHIVE = "the official archive's order (data_batch_1 ... data_batch_5), as the original indexed it"
 ORDER_FOLDER = ("an image folder's order: classes sorted by name, files sorted by name within a class "
                 "(not the official archive's order, so the original's indices pick other images)")
@@ -108,27 +113,60 @@ def extract_archive(archive: Path, target: Path) -> None:
 
 # --- the image-folder format -----------------------------------------------------------
 
+def _class_folders(root: Path) -> None:
+    """One line naming what differs when ``root``/train and ``root``/test do not hold exactly the
+    ten CIFAR-10 class folders."""
+    for split in ("train", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            raise UserError(f"{folder}: missing (an image folder has train/<class>/ and test/<class>/)")
+        found = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        missing, extra = sorted(set(CIFAR10_CLASSES) - found), sorted(found - set(CIFAR10_CLASSES))
+        if missing or extra:
+            what = "; ".join(part for part in (f"missing: {', '.join(missing)}" if missing else "",
+                                               f"not a CIFAR-10 class: {', '.join(extra)}" if extra else "") if part)
+            raise UserError(f"{folder}: expected the ten CIFAR-10 class folders ({', '.join(CIFAR10_CLASSES)}); {what}")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """A class folder's images, by name; anything else there (but hidden files) is refused."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    others = [p for p in entries if p.is_dir() or p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+        raise UserError(f"{others[0]}: not a {'/'.join(sorted(IMAGE_SUFFIXES))} image{more}; convert or remove it "
+                        f"(a file skipped silently would change the data without a word)")
+    if not entries:
+        raise UserError(f"{folder}: empty class folder (no .png/.jpg images)")
+    return entries
+
+
+def _rgb8(img, file: Path) -> np.ndarray:
+    """Pillow image -> HxWx3 uint8. 16-bit grey keeps its top 8 bits (Pillow's convert("RGB")
+    clips it to 255: almost white); palette, grey and alpha images convert as Pillow does."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img, dtype=np.int64)
+        if grey.min() < 0 or grey.max() > 0xFFFF:
+            raise UserError(f"{file}: a {img.mode} image with values outside 0..65535; save it as 8-bit RGB")
+        return np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise UserError(f"{file}: a floating-point image (mode F) has no fixed scale; save it as 8-bit RGB")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
 def read_image_folder(root: Path) -> Dataset:
     from PIL import Image, UnidentifiedImageError
 
-    train_root = root / "train"
-    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
-    if not classes:
-        raise UserError(f"{train_root}: no class folders")
+    _class_folders(root)
+    classes = list(CIFAR10_CLASSES)
     splits = {}
     for split in ("train", "test"):
         images, labels = [], []
         for label, name in enumerate(classes):
-            folder = root / split / name
-            if not folder.is_dir():
-                raise UserError(f"{folder}: class folder missing (classes come from {train_root})")
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise UserError(f"{folder}: empty class folder (no .png/.jpg images)")
-            for file in files:
+            for file in _image_files(root / split / name):
                 try:
                     with Image.open(file) as img:
-                        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                        array = _rgb8(img, file)
                 except (UnidentifiedImageError, OSError) as err:
                     raise UserError(f"{file}: not a readable image ({err})") from err
                 if array.shape != IMAGE_SHAPE:
