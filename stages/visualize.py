@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from cifarcnn import figures
-from cifarcnn.checkpoint import load_best_model
+from cifarcnn.checkpoint import load_best_model, verified_checkpoint
 from cifarcnn.config import load_params, pretrained_choice, resolve_resnet_weights, resolve_viz
 from cifarcnn.errors import cli
-from cifarcnn.fsutil import write_json
+from cifarcnn.fsutil import read_json, write_json
 from cifarcnn.models import create_model
 from cifarcnn.runfiles import BEST, run_dirs
 from cifarcnn.visualize import visualize
@@ -24,10 +24,12 @@ PHOTO = Path("data/viz_image")  # written by the download stage (a dep in dvc.ya
 @cli
 def main(seed: str) -> None:
     params = load_params()
-    task4a = run_dirs("task4a", int(seed))[0] / BEST
+    task4a_models, task4a_results = run_dirs("task4a", int(seed))
+    task4a = task4a_models / BEST
     viz, weights = resolve_viz(params), resolve_resnet_weights(params)
     models = {"": (create_model("resnet18_transfer", pretrained=pretrained_choice(weights)), f"ResNet18, {weights} weights")}
-    if task4a.exists():
+    if task4a.exists():  # drawn only if it is the file its train stage wrote
+        verified_checkpoint(task4a, read_json(task4a_results / "run.json").get("checkpoint_sha256"), f"train@task4a-{seed}")
         models["_task4a"] = (load_best_model(task4a)[0], f"ResNet18 fine-tuned on CIFAR-10 (task4a, seed {seed})")
     summary = {"resnet_weights": weights, "filter_indices": viz.filter_indices,
                "activation_indices": viz.activation_indices}

@@ -326,6 +326,28 @@ def test_adding_a_seed_trains_only_the_new_seed(project):
 
 # --- failures through the real entry points (these change params.yaml; they run last) ----------
 
+def test_visualize_refuses_a_checkpoint_that_is_not_the_one_trained(project):
+    """One byte of task4a's best.pt flipped: `dvc repro -s visualize` draws nothing from it and
+    says in one line which file and which command rebuilds it."""
+    repo, env, _ = project
+    best = repo / "models" / "task4a" / "seed0" / "best.pt"
+    figure = repo / "reports" / "figures" / "task4b_first_layer_task4a.png"
+    original, drawn = best.read_bytes(), figure.read_bytes()
+    data = bytearray(original)
+    data[-100] ^= 0xFF
+    best.write_bytes(bytes(data))
+    try:
+        proc = subprocess.run(["dvc", "repro", "-s", "visualize"], cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert ("error: models/task4a/seed0/best.pt is not the checkpoint `train@task4a-0` wrote (its sha256 differs "
+                "from run.json's); rebuild it with `dvc repro --force train@task4a-0`") in proc.stdout + proc.stderr
+        assert not figure.exists() or figure.read_bytes() == drawn
+    finally:
+        best.write_bytes(original)
+    sh(["dvc", "repro", "visualize"], repo, env)  # back as it was (from DVC's run cache)
+    assert "up to date" in sh(["dvc", "status", "visualize"], repo, env) and figure.read_bytes() == drawn
+
+
 def mlflow_runs(repo: Path) -> list:
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     return client.search_runs([client.get_experiment_by_name("cifar10-cnn-report").experiment_id])
