@@ -13,9 +13,9 @@ from cifarcnn import figures
 from cifarcnn.config import RunConfig, config_digest, load_params, resolve_seeds, run_names
 from cifarcnn.errors import UserError, cli
 from cifarcnn.fsutil import csv_text, read_json, write_text
-from cifarcnn.report import aggregates, load_results, mean_curves, results_markdown
+from cifarcnn.report import aggregates, load_results, logged_run_id, mean_curves, results_markdown
 from cifarcnn.runfiles import load_curves, run_dirs
-from cifarcnn.tracking import log_aggregates
+from cifarcnn.tracking import log_aggregates, runs_held
 
 RESULTS, REPORTS = Path("results"), Path("reports")
 RUN_FIGURES, CURVES = REPORTS / "figures" / "runs", REPORTS / "curves"
@@ -69,7 +69,8 @@ def main() -> None:
             key = name.replace("_first_layer", "").replace("_last_layer", "")
             figs[key] = f"figures/{name}.png"
     task1 = read_json(REPORTS / "task1.json")
-    write_text(REPORTS / "report.md", results_markdown(results, task1, viz, figs, split))
+    held = runs_held(params["mlflow"]["experiment"], [logged_run_id(r) for seeds in results.values() for r in seeds])
+    write_text(REPORTS / "report.md", results_markdown(results, task1, viz, figs, split, held))
     print(f"wrote {REPORTS / 'report.md'} ({len(results)} runs, seeds {', '.join(map(str, seeds))})")
 
 

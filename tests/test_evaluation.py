@@ -202,3 +202,16 @@ def test_served_images_are_resized_to_cifar_as_uint8():
     assert to_cifar(img[0]).shape == (1, 3, 32, 32)  # a single H x W x 3 image
     with pytest.raises(ValueError, match=r"expected uint8 images \[N, H, W, 3\]"):
         to_cifar(np.zeros((2, 32, 32), np.uint8))
+
+
+def test_runs_table_prints_no_run_id_the_store_does_not_hold(tmp_path):
+    """After a store was lost, the report names no run that is nowhere; a seed whose evaluation
+    went to a new run (eval_detail.json's id) is listed under that one."""
+    _fake_results(tmp_path, ["task2"], seeds=(0, 1))
+    results = report.load_results(tmp_path, ["task2"], [0, 1])
+    ids = [r["train"]["mlflow_run_id"] for r in results["task2"]]
+    results["task2"][1]["eval"]["mlflow_run_id"] = "re-logged"
+    table = report.runs_table(results, held_runs={"re-logged"})
+    assert "not in the store" in table and f"`{ids[0]}`" not in table and "`re-logged`" in table
+    assert ids[1] not in table
+    assert f"`{ids[0]}`" in report.runs_table(results)  # the store not asked: as recorded

@@ -145,6 +145,29 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     assert f"MLflow run {trained['mlflow_run_id']} of task2-0 is not in" in proc.stdout
     assert json.loads((store / "results" / "task2" / "seed0" / "eval_detail.json").read_text())["mlflow_run_id"] != trained["mlflow_run_id"]
+    # The store itself gone (mlflow.db deleted) while results name its runs: one line, no new store.
+    db = store / "mlflow.db"
+    kept = db.read_bytes()
+    db.unlink()
+    plain = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # mlflow set it in this process
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
+                          capture_output=True, text=True, env=plain)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {db} is missing, but 1 results name MLflow runs in it (e.g. results/task2/seed0/run.json); put it "
+        "back from a backup, or set CIFARCNN_NEW_STORE=1 to start a new store (those runs will not be in it; "
+        "`dvc repro --force` logs them again)"]
+    assert not db.exists()
+    # A damaged store: one line at once (no waiting as for a restarting server), naming it and what to do.
+    db.write_bytes(b"not a database " * 1000)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
+                          capture_output=True, text=True, env=plain)
+    [line] = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and line.startswith(f"error: MLflow store {db} is not a usable database (")
+    assert line.endswith(f"move it aside (mv {db} {db}.broken), then put back a backup, or set CIFARCNN_NEW_STORE=1 "
+                         "to start a new store")
+    assert time.monotonic() - started < tracking.CONNECT_WAIT_S
+    db.write_bytes(kept)
 
 
 def test_temp_experiment_workspace_logs_into_the_real_repo(monkeypatch, tmp_path):

@@ -204,7 +204,14 @@ def stopping_table(results: dict[str, list[dict]]) -> str:
     return text_table(pd.DataFrame(rows))
 
 
-def runs_table(results: dict[str, list[dict]]) -> str:
+def logged_run_id(r: dict) -> str:
+    """The MLflow run holding a seed's scores and model: the training run, or the run its
+    evaluation went to when the store no longer held that one (eval_detail.json says which)."""
+    return r["eval"].get("mlflow_run_id") or r["train"]["mlflow_run_id"]
+
+
+def runs_table(results: dict[str, list[dict]], held_runs: set[str] | None = None) -> str:
+    """``held_runs``: the run ids the store holds (None: not asked); any other is not printed."""
     rows = []
     for run, seeds in results.items():
         for r in seeds:
@@ -215,7 +222,8 @@ def runs_table(results: dict[str, list[dict]]) -> str:
                 "best step": t["best_step"], "early stop": "yes" if t["stopped_early"] else "no",
                 "train time": f"{t['train_seconds']:.0f} s",
                 "img/s": f"{t['train_images_per_s']:.0f}" if t.get("train_images_per_s") else "resumed",
-                "test acc": _pct(r["eval"]["test_acc"]), "MLflow run": f"`{t['mlflow_run_id']}`",
+                "test acc": _pct(r["eval"]["test_acc"]), "MLflow run": f"`{logged_run_id(r)}`" if held_runs is None or logged_run_id(r) in held_runs
+                else "not in the store",
             })
     return text_table(pd.DataFrame(rows))
 
@@ -267,7 +275,7 @@ def aggregates(seeds: list[dict]) -> dict[str, float]:
 
 
 def results_markdown(results: dict[str, list[dict]], task1: dict, viz: dict | None, figures: dict[str, str],
-                     split: dict | None = None) -> str:
+                     split: dict | None = None, held_runs: set[str] | None = None) -> str:
     """reports/report.md: the report's tables rebuilt from the pipeline's metrics, over seeds."""
     first = next(iter(results.values()))[0]["train"]
     source = first.get("data_source", "?")
@@ -293,7 +301,7 @@ def results_markdown(results: dict[str, list[dict]], task1: dict, viz: dict | No
         "(with two, t = 12.7 calls nearly anything inside).",
         "- \"report\" is the original report's number (%), \"ours − report\" the difference of the means in percentage points.",
         "",
-        "## Runs", "", runs_table(results), "",
+        "## Runs", "", runs_table(results, held_runs), "",
         "## Stopping", "", stopping_table(results), "",
         "## Task 1g — parameters of the Task 2 network", "",
         table(t2[["n", "type", "weight_shape", "weights", "biases", "parameters"]]), "",

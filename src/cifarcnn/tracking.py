@@ -68,10 +68,13 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
     at an absolute path). A store that does not answer (a server or its database restarting) is
     asked again for up to CONNECT_WAIT_S, then the stage ends in one line. Once per process and
     store: each new client of a sqlite store checks its schema again (a second or so)."""
+    local = None if os.environ.get("MLFLOW_TRACKING_URI") else repo_root() / "mlflow.db"  # before mlflow sets it
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if (uri, experiment) in _CONNECTED:
         return _CONNECTED[uri, experiment]
+    if local is not None and not local.exists():
+        _refuse_a_lost_store(local)
     deadline = time.monotonic() + CONNECT_WAIT_S
     while True:
         try:
@@ -79,13 +82,35 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
             _CONNECTED[uri, experiment] = client, _experiment_id(client, experiment, uri)
             return _CONNECTED[uri, experiment]
         except Exception as err:  # noqa: BLE001 - any failure here means "no usable store"
-            if time.monotonic() + 2 < deadline:
+            busy = "locked" in str(err) or "busy" in str(err)
+            if (local is None or busy) and time.monotonic() + 2 < deadline:  # a server restarting, a writer
                 time.sleep(2)
                 continue
+            if local is not None and not busy:
+                raise UserError(
+                    f"MLflow store {local} is not a usable database ({type(err).__name__}: {_first_line(err)}); "
+                    f"move it aside (mv {local} {local}.broken), then put back a backup, or set "
+                    f"{NEW_STORE_ENV}=1 to start a new store") from err
             raise UserError(
                 f"MLflow tracking store {uri} is not usable ({type(err).__name__}: {_first_line(err)}); "
                 "start the server, or unset MLFLOW_TRACKING_URI to log into the local sqlite store"
             ) from err
+
+
+NEW_STORE_ENV = "CIFARCNN_NEW_STORE"  # 1: a missing or damaged local store may be started afresh
+
+
+def _refuse_a_lost_store(db: Path) -> None:
+    """The local store is gone while results/ name runs in it: MLflow would make an empty one
+    without a word (the registry back at version 1, the report naming runs that are nowhere)."""
+    if os.environ.get(NEW_STORE_ENV) == "1":
+        return
+    named = sorted(p for p in (db.parent / "results").glob("*/seed*/run.json"))
+    if named:
+        raise UserError(
+            f"{db} is missing, but {len(named)} results name MLflow runs in it (e.g. {named[0].relative_to(db.parent)}); "
+            f"put it back from a backup, or set {NEW_STORE_ENV}=1 to start a new store (those runs will not be "
+            f"in it; `dvc repro --force` logs them again)")
 
 
 def _experiment_id(client: MlflowClient, experiment: str, uri: str) -> str:
@@ -421,6 +446,19 @@ def _parent_run(client: MlflowClient, exp_id: str, run_name: str, digest: str, d
     except Exception as err:  # noqa: BLE001
         raise UserError(f"MLflow store {tracking_uri()} refused the parent run of {run_name} "
                         f"({type(err).__name__}: {_first_line(err)}); re-run the stage when it answers") from err
+
+
+def runs_held(experiment: str, run_ids: list[str]) -> set[str]:
+    """Which of ``run_ids`` this store holds (the report prints no id it does not)."""
+    client, _ = connect(experiment)
+    held = set()
+    for run_id in dict.fromkeys(run_ids):
+        try:
+            client.get_run(run_id)
+            held.add(run_id)
+        except Exception:  # noqa: BLE001 - not in this store
+            pass
+    return held
 
 
 def log_aggregates(experiment: str, run_name: str, digest: str, describes: str, aggregates: dict[str, float],
