@@ -224,3 +224,42 @@ def test_parents_nest_under_the_mlflow_run_entry_point(store, monkeypatch, capsy
     monkeypatch.delenv("MLFLOW_RUN_ID")
     assert tracking.log_aggregates("nest", "task2", "d1", "", {"n_seeds": 2}, [inside, "gone"]) == [inside]
     assert client.get_run(inside).data.metrics == {"seeds/n_seeds": 2}
+
+
+def test_moved_checkout_is_refused_until_rebound(tmp_path, monkeypatch):
+    """A checkout moved with its mlflow.db: training refuses in one line before writing anything
+    (MLflow would recreate the old path and write there); `python -m cifarcnn.rebind` points the
+    store here, old runs list their artifacts again and new ones land in this checkout."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(old))
+    cfg, ds = tiny_run("task2", batch_size=32, evals_per_epoch=2), tiny_dataset(300, 60)
+    first = train_and_track(cfg, ds, old / "models", old / "results")
+    MlflowClient(f"sqlite:///{old / 'mlflow.db'}").log_text(first["mlflow_run_id"], "kept", "note.txt")
+    shutil.move(old, new)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exported the old one
+    monkeypatch.setenv("DVC_ROOT", str(new))
+    with pytest.raises(UserError) as err:
+        train_and_track(cfg, ds, new / "models2", new / "results2")
+    assert str(err.value) == (
+        f"experiment '{cfg.experiment}' in {new / 'mlflow.db'} keeps its artifacts in {(old / 'mlartifacts').as_uri()}, "
+        f"not in this checkout's {(new / 'mlartifacts').as_uri()}: the checkout was moved (or mlflow.db copied). Run "
+        f"`python -m cifarcnn.rebind` here to point the store at {(new / 'mlartifacts').as_uri()}, or move the checkout back")
+    assert not old.exists()  # nothing written into the old path
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-m", "cifarcnn.rebind"], cwd=new, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and f"-> {(new / 'mlartifacts').as_uri()}" in proc.stdout, proc.stdout + proc.stderr
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    second = train_and_track(cfg, ds, new / "models2", new / "results2")
+    client = MlflowClient(f"sqlite:///{new / 'mlflow.db'}")
+    assert [a.path for a in client.list_artifacts(first["mlflow_run_id"])] == ["note.txt"]
+    assert client.get_run(second["mlflow_run_id"]).info.artifact_uri.startswith((new / "mlartifacts").as_uri())
+    assert not old.exists()
+    again = subprocess.run([sys.executable, "-m", "cifarcnn.rebind"], cwd=new, env=env, capture_output=True, text=True)
+    assert "nothing to do" in again.stdout

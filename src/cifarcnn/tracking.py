@@ -79,8 +79,10 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
     while True:
         try:
             client = MlflowClient(uri)  # inside: a corrupt store fails here, and gets the one line too
-            _CONNECTED[uri, experiment] = client, _experiment_id(client, experiment, uri)
+            _CONNECTED[uri, experiment] = client, _experiment_id(client, experiment, uri, local)
             return _CONNECTED[uri, experiment]
+        except _Moved as err:
+            raise UserError(str(err)) from None
         except Exception as err:  # noqa: BLE001 - any failure here means "no usable store"
             busy = "locked" in str(err) or "busy" in str(err)
             if (local is None or busy) and time.monotonic() + 2 < deadline:  # a server restarting, a writer
@@ -95,6 +97,10 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
                 f"MLflow tracking store {uri} is not usable ({type(err).__name__}: {_first_line(err)}); "
                 "start the server, or unset MLFLOW_TRACKING_URI to log into the local sqlite store"
             ) from err
+
+
+class _Moved(Exception):
+    """The local store's artifacts live in another checkout (not a store failure: no retry)."""
 
 
 NEW_STORE_ENV = "CIFARCNN_NEW_STORE"  # 1: a missing or damaged local store may be started afresh
@@ -113,9 +119,15 @@ def _refuse_a_lost_store(db: Path) -> None:
             f"in it; `dvc repro --force` logs them again)")
 
 
-def _experiment_id(client: MlflowClient, experiment: str, uri: str) -> str:
+def _experiment_id(client: MlflowClient, experiment: str, uri: str, local: Path | None = None) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is not None:
+        home = artifact_location(local.parent) if local is not None else None
+        if home is not None and found.artifact_location != home and found.artifact_location.startswith("file://"):
+            # MLflow would write new artifacts into the old path (recreating it) and list none for old runs
+            raise _Moved(f"experiment {experiment!r} in {local} keeps its artifacts in {found.artifact_location}, not in "
+                         f"this checkout's {home}: the checkout was moved (or mlflow.db copied). Run `python -m "
+                         f"cifarcnn.rebind` here to point the store at {home}, or move the checkout back")
         return found.experiment_id
     server = uri.startswith(("http://", "https://", "databricks"))
     try:  # a local store keeps artifacts beside it; a server chooses (and serves) their place
