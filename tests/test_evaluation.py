@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import time
 import re
 
 import numpy as np
 import pytest
+import torch
 from fixtures import serve_directory, stripes_photo
 from helpers import tiny_dataset, tiny_run
 from PIL import Image
@@ -215,3 +217,48 @@ def test_runs_table_prints_no_run_id_the_store_does_not_hold(tmp_path):
     assert "not in the store" in table and f"`{ids[0]}`" not in table and "`re-logged`" in table
     assert ids[1] not in table
     assert f"`{ids[0]}`" in report.runs_table(results)  # the store not asked: as recorded
+
+
+@pytest.mark.parametrize("images, reason", [
+    (np.full((2, 32, 32, 3), 0.7), "got float64 values (images in [0, 1]: multiply by 255 and round)"),
+    (np.full((1, 32, 32, 3), 300), "got values from 300 to 300"),
+    (np.full((1, 32, 32, 3), -1), "got values from -1 to -1"),
+    (np.zeros((2, 32, 32), np.uint8), "got an array of shape (2, 32, 32)"),
+    (np.zeros((0, 32, 32, 3), np.uint8), "got an array of shape (0, 32, 32, 3)"),
+    (np.zeros((3, 700, 700, 3), np.uint8), "3 image(s) of 700x700 are 4 MB of pixels, more than the 2 MB"),
+])
+def test_served_model_refuses_what_it_cannot_classify(images, reason, monkeypatch):
+    """Each refusal is one message saying what is wrong and what is expected (a 400 when served)."""
+    from cifarcnn import serving
+
+    monkeypatch.setattr(serving, "MAX_MB", 2.0)
+    with pytest.raises(serving.RequestRefused) as err:
+        serving.checked_images(images)
+    assert reason in err.value.message and len(err.value.message) < 300
+    err.value.message = "Failed to predict data '<every pixel>'"  # what MLflow's scoring server does
+    assert reason in err.value.message and "every pixel" not in err.value.serialize_as_json()
+
+
+def test_served_model_takes_integer_pixels_and_one_image():
+    from cifarcnn import serving
+
+    assert serving.checked_images(np.full((2, 8, 8, 3), 255, np.int64)).dtype == np.uint8
+    assert serving.checked_images(np.zeros((32, 32, 3), np.uint8)).shape == (1, 32, 32, 3)
+
+
+def test_classification_stops_at_the_deadline():
+    """Past the server's timeout no further chunk is classified."""
+    from cifarcnn import serving
+
+    calls = []
+
+    def model(x):
+        calls.append(len(x))
+        return torch.zeros(len(x), 2)
+
+    images = np.zeros((serving.CHUNK * 3, 32, 32, 3), np.uint8)
+    with pytest.raises(serving.RequestRefused, match=r"stopped after 0 of 768 images: the request ran past"):
+        serving.classify(model, lambda x: x.float(), ["a", "b"], images, deadline=time.monotonic() - 1)
+    assert calls == []
+    out = serving.classify(model, lambda x: x.float(), ["a", "b"], images, deadline=time.monotonic() + 60)
+    assert calls == [serving.CHUNK] * 3 and len(out) == len(images)

@@ -265,7 +265,9 @@ def test_mlflow_server_serves_comparable_runs(project):
 def test_registered_model_serves_the_evaluate_stages_predictions(project):
     """The final model is in the Model Registry; `mlflow models serve --env-manager local` (as the
     README says) answers raw uint8 test images with class names and probabilities, and its classes
-    equal the evaluate stage's predictions for the same checkpoint."""
+    equal the evaluate stage's predictions for the same checkpoint. Floats and oversized requests
+    get a 400 that says why in a line, not a dump of the input."""
+    import urllib.error
     import urllib.request
 
     import numpy as np
@@ -277,7 +279,8 @@ def test_registered_model_serves_the_evaluate_stages_predictions(project):
     (version,) = [v for v in client.search_model_versions("name = 'cifar10-task3e'") if v.run_id == run_id]
     port = free_port()
     with mlflow_service(["models", "serve", "-m", f"models:/cifar10-task3e/{version.version}", "--env-manager", "local",
-                         "-h", "127.0.0.1", "-p", str(port)], repo, {**env, "MLFLOW_TRACKING_URI": uri},
+                         "-h", "127.0.0.1", "-p", str(port)], repo,
+                        {**env, "MLFLOW_TRACKING_URI": uri, "CIFARCNN_SERVE_MAX_MB": "0.5"},
                         f"http://127.0.0.1:{port}/ping", 180):
         def invoke(images: np.ndarray) -> list[dict]:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
@@ -295,6 +298,13 @@ def test_registered_model_serves_the_evaluate_stages_predictions(project):
             assert sum(a[c] for c in classes) == pytest.approx(1.0, abs=1e-5) and a["class"] == max(classes, key=a.get)
         bigger = images[:3].repeat(3, axis=1).repeat(3, axis=2)  # 96 x 96: resized to 32 x 32 inside the model
         assert [a["class"] in classes for a in invoke(bigger)] == [True] * 3
+        assert invoke(images[0])[0]["class"] == answers[0]["class"]  # one [H, W, 3] image
+        for refused, reason in [(images[:2] / 255.0, "got float64 values (images in [0, 1]: multiply by 255 and round)"),
+                                (np.zeros((1, 600, 600, 3), np.uint8), "are 1 MB of pixels, more than the 0.5 MB")]:
+            with pytest.raises(urllib.error.HTTPError) as err:
+                invoke(refused)
+            body = err.value.read().decode()
+            assert err.value.code == 400 and reason in json.loads(body)["message"] and len(body) < 400, body
 
 
 def test_adding_a_seed_trains_only_the_new_seed(project):

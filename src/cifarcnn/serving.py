@@ -6,11 +6,20 @@ each pixel the mean of its area, as CIFAR-10's own downsampling; a smaller one: 
 pipeline (the ResNet's resize, the normalisation), so nobody needs to know the preprocessing.
 It answers, per image, the class name and one probability per class.
 
+What a request may hold is checked before any work: integer pixel values 0..255 (floats such as
+images scaled to [0, 1] are refused, not cut to 0 and 1), ``[N, H, W, 3]`` or one ``[H, W, 3]``
+image, and at most ``CIFARCNN_SERVE_MAX_MB`` (64) MB of decoded pixels. The images are classified
+in chunks, and a request past the server's timeout (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``)
+stops at the next chunk instead of running on after its client got the timeout. Each refusal is
+a 400 whose message says what is wrong and what is expected, without a dump of the input.
+
     mlflow models serve -m models:/cifar10-task3e/latest --env-manager local -h 127.0.0.1 -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{"inputs": [[[[...]]]]}'
 """
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,12 +27,57 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from .batches import Preprocess
 from .checkpoint import load_best_model
 
 CIFAR_SIZE = 32  # the images every model here was trained on
 CHECKPOINT = "checkpoint"  # the artifact key of the best checkpoint inside the logged model
+MAX_MB = float(os.environ.get("CIFARCNN_SERVE_MAX_MB", 64))  # decoded pixels per request (N x H x W x 3 bytes)
+CHUNK = 256  # images per forward pass; the timeout is checked between chunks
+EXPECTED = "integer pixel values 0..255 (uint8), shaped [N, H, W, 3] or [H, W, 3]"
+
+
+class RequestRefused(MlflowException):
+    """A 400 that says only what is wrong. MLflow's scoring server prefixes an error raised in
+    ``predict`` with the whole input ("Failed to predict data '<every pixel>'"), burying the
+    reason in kilobytes of numbers; this message keeps its own text."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, _value: str) -> None:  # the server's prefixed copy: kept out
+        pass
+
+
+def checked_images(images) -> np.ndarray:
+    """``images`` as uint8 ``[N, H, W, 3]``, or RequestRefused saying what is expected."""
+    x = np.asarray(images)
+    if x.dtype == object or x.ndim not in (3, 4) or x.shape[-1] != 3 or 0 in x.shape:
+        raise RequestRefused(f"expected {EXPECTED}; got an array of shape {x.shape}")
+    if x.ndim == 3:
+        x = x[None]
+    size_mb = x.shape[0] * x.shape[1] * x.shape[2] * 3 / 1e6
+    if size_mb > MAX_MB:
+        raise RequestRefused(f"{x.shape[0]} image(s) of {x.shape[2]}x{x.shape[1]} are {size_mb:.0f} MB of pixels, more "
+                             f"than the {MAX_MB:g} MB a request may hold; send fewer or smaller images per request")
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype.kind not in "iu":
+        raise RequestRefused(f"expected {EXPECTED}; got {x.dtype} values (images in [0, 1]: multiply by 255 and "
+                             f"round)")
+    low, high = int(x.min()), int(x.max())
+    if low < 0 or high > 255:
+        raise RequestRefused(f"expected {EXPECTED}; got values from {low} to {high}")
+    return x.astype(np.uint8)
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -38,7 +92,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     # Typed np.ndarray: MLflow takes the signature from log_model (it infers none from this hint) and
     # no longer warns that predict has no type hints.
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
-        return classify(self.model, self.prep, self.classes, model_input)
+        timeout = os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT")  # set by `mlflow models serve`
+        deadline = time.monotonic() + float(timeout) if timeout else None
+        return classify(self.model, self.prep, self.classes, checked_images(model_input), deadline)
 
 
 def to_cifar(images: np.ndarray) -> torch.Tensor:
@@ -59,9 +115,18 @@ def to_cifar(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def classify(model: torch.nn.Module, prep, classes: list[str], images: np.ndarray) -> pd.DataFrame:
-    logits = model(prep(to_cifar(images)))
-    probs = torch.softmax(logits.float(), dim=1).numpy()
+def classify(model: torch.nn.Module, prep, classes: list[str], images: np.ndarray,
+             deadline: float | None = None) -> pd.DataFrame:
+    """Class names and probabilities, CHUNK images at a time; past ``deadline`` (monotonic
+    seconds) it stops at the next chunk: the client has had its timeout."""
+    parts = []
+    for start in range(0, len(images), CHUNK):
+        if deadline is not None and time.monotonic() > deadline:
+            raise RequestRefused(f"stopped after {start} of {len(images)} images: the request ran past the server's "
+                                 f"timeout; send fewer images per request")
+        logits = model(prep(to_cifar(images[start:start + CHUNK])))
+        parts.append(torch.softmax(logits.float(), dim=1))
+    probs = torch.cat(parts).numpy()
     out = pd.DataFrame(probs, columns=classes)
     out.insert(0, "class", [classes[i] for i in probs.argmax(1)])
     return out
@@ -69,9 +134,11 @@ def classify(model: torch.nn.Module, prep, classes: list[str], images: np.ndarra
 
 def signature(classes: list[str]):
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+    from mlflow.types.schema import ColSpec, Schema
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+    # No input schema: MLflow would parse a JSON request with it as np.array(data, dtype=uint8),
+    # silently cutting floats (0.7 -> 0) before predict could refuse them; checked_images checks.
+    return ModelSignature(inputs=None,
                           outputs=Schema([ColSpec("string", "class")] + [ColSpec("double", c) for c in classes]))
 
 
