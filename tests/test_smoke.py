@@ -277,6 +277,14 @@ def test_registered_model_serves_the_evaluate_stages_predictions(project):
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(uri)
     (version,) = [v for v in client.search_model_versions("name = 'cifar10-task3e'") if v.run_id == run_id]
+    evaluation = merged(repo / "results" / "task3e" / "seed0", "eval.json", "eval_detail.json")
+    assert version.description.startswith(f"task3e, seed 0: validation accuracy {evaluation['val_acc']:.2%}, test "
+                                          f"accuracy {evaluation['test_acc']:.2%}; adam lr ")
+    assert {"run": "task3e", "seed": "0", "val_acc": f"{evaluation['val_acc']:.6f}"}.items() <= version.tags.items()
+    assert {"lr", "git_commit", "dvc_experiment", "checkpoint_sha256"} <= set(version.tags)
+    versions = client.search_model_versions("name = 'cifar10-task3e'")  # lr experiments made more
+    best = max(versions, key=lambda v: (float(v.tags["val_acc"]), -int(v.version)))
+    assert str(client.get_model_version_by_alias("cifar10-task3e", "champion").version) == str(best.version)
     port = free_port()
     with mlflow_service(["models", "serve", "-m", f"models:/cifar10-task3e/{version.version}", "--env-manager", "local",
                          "-h", "127.0.0.1", "-p", str(port)], repo,

@@ -265,3 +265,18 @@ def test_moved_checkout_is_refused_until_rebound(tmp_path, monkeypatch):
     assert not old.exists()
     again = subprocess.run([sys.executable, "-m", "cifarcnn.rebind"], cwd=new, env=env, capture_output=True, text=True)
     assert "nothing to do" in again.stdout
+
+
+def test_champion_moves_only_to_a_better_version(tmp_path):
+    """`champion` is the version with the best validation accuracy; a tie keeps the earlier one."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'registry.db'}")
+    client.create_registered_model("m")
+
+    def add(val_acc: float) -> str:
+        version = client.create_model_version("m", source=(tmp_path / "model").as_uri()).version
+        tracking.describe_version(client, "m", version, f"val {val_acc}", {"val_acc": f"{val_acc:.6f}", "seed": "0"})
+        return str(client.get_model_version_by_alias("m", tracking.CHAMPION).version)
+
+    assert [add(0.5), add(0.7), add(0.6), add(0.7), add(0.8)] == ["1", "2", "2", "2", "5"]
+    v3 = client.get_model_version("m", "3")
+    assert v3.description == "val 0.6" and v3.tags == {"val_acc": "0.600000", "seed": "0"}

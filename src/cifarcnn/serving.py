@@ -13,7 +13,7 @@ in chunks, and a request past the server's timeout (``MLFLOW_SCORING_SERVER_REQU
 stops at the next chunk instead of running on after its client got the timeout. Each refusal is
 a 400 whose message says what is wrong and what is expected, without a dump of the input.
 
-    mlflow models serve -m models:/cifar10-task3e/latest --env-manager local -h 127.0.0.1 -p 5001
+    mlflow models serve -m models:/cifar10-task3e@champion --env-manager local -h 127.0.0.1 -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '{"inputs": [[[[...]]]]}'
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -335,19 +336,21 @@ class MlflowRun:
             self.client.log_inputs(self.run_id, datasets=[entity])  # not start_run: that would end the run
         self._retrying("log dataset", _log)
 
-    def log_model(self, log: Callable[[], object], checkpoint_digest: str) -> bool:
+    def log_model(self, log: Callable[[], object], checkpoint_digest: str):
         """Log a model into this run once per checkpoint: ``log`` is a flavour's ``log_model``
-        call (cifarcnn.serving's, from the evaluate stage), run inside this run. A stage re-run on
-        the same checkpoint (a figure changed) logs and registers nothing again; False then."""
+        call (cifarcnn.serving's, from the evaluate stage), run inside this run; its ModelInfo.
+        A stage re-run on the same checkpoint (a figure changed) logs and registers nothing
+        again; None then."""
         if self.client.get_run(self.run_id).data.tags.get(MODEL_TAG) == checkpoint_digest:
-            return False
+            return None
+        logged = []
 
         def _log():
             with mlflow.start_run(run_id=self.run_id):  # ends it on exit: the run's training is over
-                log()
+                logged.append(log())
         self._retrying("log model", _log)
         self._retrying("tag the logged model", self.client.set_tag, self.run_id, MODEL_TAG, checkpoint_digest)
-        return True
+        return logged[-1]
 
     def abandon(self) -> None:
         """Stop the writer: after a failure the next run logs what is missing."""
@@ -498,10 +501,55 @@ def log_aggregates(experiment: str, run_name: str, digest: str, describes: str, 
     return known
 
 
+CHAMPION = "champion"  # the registry alias of the version with the best validation accuracy
+
+
+@dataclass
+class ModelLog:
+    """A model for the evaluate stage to log into the training run, once per checkpoint."""
+
+    log: Callable[[], object]  # a flavour's log_model call (returns its ModelInfo)
+    digest: str  # the checkpoint's sha256
+    registered: str | None = None  # the registry name ``log`` registers a version under
+    description: str = ""  # for its registry version
+    tags: dict[str, str] = field(default_factory=dict)  # for its registry version; val_acc picks the champion
+
+
+def describe_version(client: MlflowClient, name: str, version: str, description: str, tags: dict[str, str]) -> None:
+    """A registry version that explains itself, and the ``champion`` alias on the best one."""
+    client.update_model_version(name, version, description=description)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    crown(client, name)
+
+
+def crown(client: MlflowClient, name: str) -> str | None:
+    """Point ``champion`` at the version with the highest ``val_acc`` tag (the earliest of equals):
+    it moves only when a better one arrives. Set from the whole registry each time, so two
+    evaluate stages finishing together still agree."""
+    best: tuple[tuple[float, int], str] | None = None
+    for v in client.search_model_versions(f"name = '{name}'"):
+        try:
+            key = (float(v.tags.get("val_acc")), -int(v.version))
+        except (TypeError, ValueError):
+            continue
+        if best is None or key > best[0]:
+            best = (key, v.version)
+    if best is None:
+        return None
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION).version
+    except Exception:  # noqa: BLE001 - no champion yet
+        current = None
+    if str(current) != str(best[1]):  # a version is an int from a sqlite store, a string from a server
+        client.set_registered_model_alias(name, CHAMPION, str(best[1]))
+    return str(best[1])
+
+
 def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: dict, artifacts: list[Path],
-                   model: tuple[Callable[[], object], str] | None = None) -> str:
+                   model: ModelLog | None = None) -> str:
     """Log evaluation numbers and figures into the training run (a new run if that one is not in
-    this store), and ``model`` = (its log call, its checkpoint's digest) once per checkpoint."""
+    this store), and ``model`` once per checkpoint (a registered one described and ranked)."""
     run = MlflowRun.start(experiment, run_name, {**run_tags(run_name, metrics.get("device", ""), "stages/evaluate.py"),
                                                  "evaluation_only": "true"},
                           resume_id=run_id)
@@ -514,7 +562,11 @@ def log_evaluation(experiment: str, run_name: str, run_id: str | None, metrics: 
     for path in artifacts:
         run.log_artifact(path)
     if model is not None:
-        run.log_model(*model)
+        info = run.log_model(model.log, model.digest)
+        version = getattr(info, "registered_model_version", None) if info is not None else None
+        if version is not None and model.registered:
+            run._retrying("describe the model version", describe_version, run.client, model.registered, str(version),
+                          model.description, model.tags)
     if run.run_id != run_id:
         run.finish()
     return run.run_id
