@@ -54,6 +54,12 @@ def test_training_run_contents(store):
     seed1 = train_and_track(cfg.replace(seed=1), tiny_dataset(300, 60), store / "models" / "s1",
                             store / "results" / "s1")
     assert client.get_run(seed1["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # The parent compares in the UI like its seeds (their params but the seed) and spans them in time.
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.params["lr"] == "0.05" and parent.data.params["batch_size"] == "32"
+    assert "train.seed" not in parent.data.params and parent.data.tags["mlflow.source.name"] == "stages/train.py"
+    assert parent.info.status == "FINISHED"
+    assert parent.info.end_time >= client.get_run(seed1["mlflow_run_id"]).info.end_time > parent.info.start_time
     assert tags["dvc_stage"] == "train@task2" and tags["dvc_exp_name"] == "test-exp"
     assert tags["device"] == "cpu" and tags["torch_version"] and "git_commit" in tags
     params = run.data.params

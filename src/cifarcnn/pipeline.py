@@ -27,7 +27,7 @@ from .device import resolve_device
 from .errors import Interrupted, work
 from .fsutil import csv_text, file_digest, is_locked, release_lock, split_metrics, staged_outputs, try_lock, write_json, write_text
 from .runfiles import BEST, CURVES_CSV, RESUME_GLOB, TRAIN_LOSS_CSV, resume_file
-from .tracking import PARENT_TAG, TIMING, MlflowRun, parent_run, repo_root, run_tags
+from .tracking import PARENT_TAG, TIMING, MlflowRun, close_parent, parent_run, repo_root, run_tags
 from .training import data_fingerprint, resume_key, train
 
 CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]
@@ -105,7 +105,8 @@ def train_and_track(cfg: RunConfig, ds: Dataset, model_dir: Path, results_dir: P
 def _train_and_track(cfg: RunConfig, ds: Dataset, device, model_dir: Path, results_dir: Path, resume_path: Path,
                      left: list) -> dict:
     state = load_checkpoint(resume_path) if resume_path.exists() else None  # read once, here
-    parent = parent_run(cfg.experiment, cfg.name, config_digest(cfg.seedless_dict()), cfg.describes)
+    parent = parent_run(cfg.experiment, cfg.name, config_digest(cfg.seedless_dict()), cfg.describes,
+                        {k: v for k, v in cfg.flat_params().items() if k != "train.seed"})
     description = f"{cfg.describes}, seed {cfg.seed}" if cfg.describes else f"{cfg.name}, seed {cfg.seed}"
     experiment_name = os.environ.get("DVC_EXP_NAME")  # `dvc exp run`: names repeat across experiments without it
     run = MlflowRun.start(cfg.experiment, f"{cfg.name}-{cfg.seed}" + (f" ({experiment_name})" if experiment_name else ""),
@@ -148,6 +149,7 @@ def _train_and_track(cfg: RunConfig, ds: Dataset, device, model_dir: Path, resul
             write_json(staged / "run.json", info)  # ids, device, data, flags
             run.finish()
         resume_path.unlink(missing_ok=True)  # the run is recorded: nothing left to resume
+        close_parent(cfg.experiment, parent)
         return metrics
     except BaseException as err:
         killed = isinstance(err, (KeyboardInterrupt, Interrupted))

@@ -22,7 +22,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")  # seconds per reques
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 import mlflow  # noqa: E402
-from mlflow.entities import DatasetInput, InputTag, Metric  # noqa: E402
+from mlflow.entities import DatasetInput, InputTag, Metric, Param  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -432,28 +432,44 @@ def _find_parent(client: MlflowClient, exp_id: str, run_name: str, digest: str, 
     return found[0].info.run_id if found else None
 
 
-def parent_run(experiment: str, run_name: str, digest: str, describes: str = "") -> str:
+def parent_run(experiment: str, run_name: str, digest: str, describes: str = "",
+               params: dict | None = None) -> str:
     """The parent MLflow run of every seed of ``run_name`` with this config (found by its tags,
-    created on first use): the UI nests the seeds under it, and it carries their aggregates.
-    Under `mlflow run` the parent is one of that entry point's run, and nested under it."""
+    created on first use by a training seed): the UI nests the seeds under it, compares parents
+    by ``params`` (the run's, all but the seed), and it carries their aggregates. Under `mlflow
+    run` the parent is one of that entry point's run, and nested under it."""
     client, exp_id = connect(experiment)
-    return _parent_run(client, exp_id, run_name, digest, describes)
+    return _parent_run(client, exp_id, run_name, digest, describes, params or {})
 
 
-def _parent_run(client: MlflowClient, exp_id: str, run_name: str, digest: str, describes: str) -> str:
+def close_parent(experiment: str, parent: str) -> None:
+    """A seed finished: the parent's end is now, so its duration spans its seeds."""
+    client, _ = connect(experiment)
+    try:
+        client.set_terminated(parent, "FINISHED", end_time=int(time.time() * 1000))
+    except Exception:  # noqa: BLE001 - a duration is not worth failing a finished run over
+        pass
+
+
+def _parent_run(client: MlflowClient, exp_id: str, run_name: str, digest: str, describes: str,
+                params: dict) -> str:
     try:
         entry = entry_run(client, exp_id)
         found = _find_parent(client, exp_id, run_name, digest, entry or "none")
         if found:
             return found
         name = run_name + (f" ({os.environ['DVC_EXP_NAME']})" if os.environ.get("DVC_EXP_NAME") else "")
+        commit = git_commit(repo_root())
         run = client.create_run(exp_id, run_name=name, tags={
             PARENT_MARK: "true", "run": run_name, "config_digest": digest, ENTRY_TAG: entry or "none",
-            **({PARENT_TAG: entry} if entry else {}), "git_commit": git_commit(repo_root()),
+            **({PARENT_TAG: entry} if entry else {}), "git_commit": commit, "mlflow.source.git.commit": commit,
+            "mlflow.source.name": "stages/train.py", "mlflow.source.type": "LOCAL",
             "mlflow.note.content": (f"{describes}. " if describes else "") +
                                    f"All seeds of `{run_name}` with config {digest}: each seed is a child run; "
                                    f"{SEEDS}* are their aggregates (written by the report stage)."})
-        client.set_terminated(run.info.run_id)
+        if params:
+            client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        client.set_terminated(run.info.run_id)  # each seed's end moves its end (close_parent)
         first = _find_parent(client, exp_id, run_name, digest, entry or "none")  # two seeds starting at once (-j 2)
         if first != run.info.run_id:  # may both have created one: keep the earliest, drop ours
             client.delete_run(run.info.run_id)
@@ -479,7 +495,8 @@ def runs_held(experiment: str, run_ids: list[str]) -> set[str]:
 def log_aggregates(experiment: str, run_name: str, digest: str, describes: str, aggregates: dict[str, float],
                    parents: list[str]) -> list[str]:
     """The seeds' mean, sd and n onto the parent runs the seeds were trained under (``parents``,
-    from their run.json); when none of them is in this store, onto the run's parent found by its tags."""
+    from their run.json); when none of them is in this store, onto the run's parent found by its
+    tags; with none, nowhere (the report has them): no parent without seeds is made."""
     client, exp_id = connect(experiment)
     now = int(time.time() * 1000)
     try:
@@ -490,7 +507,12 @@ def log_aggregates(experiment: str, run_name: str, digest: str, describes: str, 
                 known.append(run_id)
             except Exception:  # noqa: BLE001 - not in this store (another server, a fresh mlflow.db)
                 pass
-        known = known or [_parent_run(client, exp_id, run_name, digest, describes)]
+        if not known:  # found by its tags; a parent is made only by a training seed, never here
+            found = _find_parent(client, exp_id, run_name, digest, entry_run(client, exp_id) or "none")
+            known = [found] if found else []
+        if not known:
+            print(f"MLflow: no parent run of {run_name} is in {tracking_uri()}; its seeds' aggregates are in the report "
+                  f"only (`dvc repro --force` the seeds to log them)")
         for run_id in known:
             client.log_batch(run_id, metrics=[Metric(SEEDS + k, float(v), now, 0) for k, v in aggregates.items()])
     except UserError:
