@@ -25,7 +25,8 @@ def store(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_training_run_contents(store):
+def test_training_run_contents(store, monkeypatch):
+    monkeypatch.setattr(tracking, "SYSTEM_METRICS_S", 0.5)  # the tiny run trains for a second or two
     cfg = tiny_run("task2", batch_size=32, evals_per_epoch=2)
     metrics = train_and_track(cfg, tiny_dataset(300, 60), store / "models" / "task2", store / "results" / "task2")
     assert tracking.tracking_uri() == f"sqlite:///{store / 'mlflow.db'}"
@@ -62,6 +63,7 @@ def test_training_run_contents(store):
     assert parent.info.end_time >= client.get_run(seed1["mlflow_run_id"]).info.end_time > parent.info.start_time
     assert tags["dvc_stage"] == "train@task2" and tags["dvc_exp_name"] == "test-exp"
     assert tags["device"] == "cpu" and tags["torch_version"] and "git_commit" in tags
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     params = run.data.params
     assert params["lr"] == "0.05" and params["optimizer"] == "sgd" and params["batch_size"] == "32"
     assert params["train.seed"] == "0" and params["input.size"] == "32" and params["mlflow.experiment"] == cfg.experiment

@@ -122,9 +122,14 @@ def _train_and_track(cfg: RunConfig, ds: Dataset, device, model_dir: Path, resul
             "subset": str(cfg.data_params.get("subset")), "train_images": str(len(ds.train_y) - n_val),
             "val_images": str(n_val), "test_images": str(len(ds.test_y)), "order": ds.train_order})
         run.log_params(cfg.flat_params())  # the last call before training that waits for the store
+        monitor = run.monitor_system()
         with work():
-            result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
-                           resume_dir=resume_path.parent, keep_resume=True, score=False, resume_state=state)  # evaluate scores it
+            try:
+                result = train(cfg, ds, model_dir, logger=run, run_state={"mlflow_run_id": run.run_id},
+                               resume_dir=resume_path.parent, keep_resume=True, score=False,
+                               resume_state=state)  # evaluate scores it
+            finally:
+                monitor.finish()
         logging_seconds = run.seconds  # params + per-step/validation metrics, during training
         metrics = {**result.metrics, "mlflow_run_id": run.run_id, "mlflow_parent_run_id": parent,
                    "resumed_from_step": result.resumed_from_step,

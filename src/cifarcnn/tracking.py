@@ -42,6 +42,7 @@ _TEMP_EXP_MARKER = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 BATCH_LIMIT = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 FINAL_WAIT_S = float(os.environ.get("CIFARCNN_MLFLOW_WAIT_S", 120))  # how long the end of a run waits for the store
 MAX_BACKOFF_S = 30.0  # longest pause between two tries
+SYSTEM_METRICS_S = float(os.environ.get("CIFARCNN_SYSTEM_METRICS_S", 10))  # seconds between system metric samples
 CONNECT_WAIT_S = float(os.environ.get("CIFARCNN_MLFLOW_CONNECT_WAIT_S", 20))  # a stage's first contact: how long it waits
 
 
@@ -351,6 +352,18 @@ class MlflowRun:
         self._retrying("log model", _log)
         self._retrying("tag the logged model", self.client.set_tag, self.run_id, MODEL_TAG, checkpoint_digest)
         return logged[-1]
+
+    def monitor_system(self):
+        """MLflow's own system metrics on this run (system/cpu_utilization_percentage, memory,
+        disk, network; GPU use and memory where pynvml sees a GPU), sampled every
+        SYSTEM_METRICS_S while it is RUNNING. Created here, not by mlflow.start_run, because the
+        training run is made with MlflowClient. Returns the monitor: ``finish()`` it at the end."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_S,
+                                       resume_logging=bool(self.logged_up_to), tracking_uri=tracking_uri())
+        monitor.start()
+        return monitor
 
     def abandon(self) -> None:
         """Stop the writer: after a failure the next run logs what is missing."""
