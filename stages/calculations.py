@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from cifarcnn.convmath import task1_answers
-from cifarcnn.errors import cli
+from cifarcnn.errors import cli, stage_args
 from cifarcnn.figures import task1a_convolution
 from cifarcnn.fsutil import write_json, write_text
 from cifarcnn.report import all_parameter_tables, task1_markdown
@@ -24,4 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*stage_args("python stages/calculations.py", 0, __doc__))

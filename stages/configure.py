@@ -9,7 +9,7 @@ stage for all runs: resolving is instant, and each stage process costs seconds t
 from pathlib import Path
 
 from cifarcnn.config import load_params, resolve_all
-from cifarcnn.errors import cli
+from cifarcnn.errors import cli, stage_args
 from cifarcnn.fsutil import write_json
 
 OUT = Path("configs")
@@ -25,4 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*stage_args("python stages/configure.py", 0, __doc__))

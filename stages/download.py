@@ -10,7 +10,7 @@ from pathlib import Path
 from cifarcnn.assets import PHOTO, fetch_photo, fetch_resnet_weights
 from cifarcnn.config import load_params, resolve_data, resolve_resnet_weights, resolve_viz
 from cifarcnn.ingest import prepare
-from cifarcnn.errors import cli
+from cifarcnn.errors import cli, stage_args
 
 OUT = Path("data/cifar10.npz")
 CACHE = Path("data/downloads")
@@ -31,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*stage_args("python stages/download.py", 0, __doc__))

@@ -9,14 +9,13 @@ MLflow run (the id from run.json). Drawing and model logging here, not in the tr
 a change to a plot or to the served model's wrapper never re-trains a model.
 """
 import os
-import sys
 from pathlib import Path
 
 from cifarcnn import figures
 from cifarcnn.checkpoint import verified_checkpoint
 from cifarcnn.config import load_params
 from cifarcnn.data import Dataset
-from cifarcnn.errors import cli, work
+from cifarcnn.errors import cli, stage_args, work
 from cifarcnn.evaluation import EVAL_METRICS, evaluate_checkpoint, predictions_csv
 from cifarcnn.fsutil import read_json, split_metrics, staged_outputs, write_json, write_text
 from cifarcnn.runfiles import BEST, load_curves, run_dirs
@@ -75,6 +74,4 @@ def main(run_name: str, seed: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python stages/evaluate.py <run name from params.yaml> <seed>")
-    main(*sys.argv[1:])
+    main(*stage_args("python stages/evaluate.py <run name from params.yaml> <seed>", 2, __doc__))

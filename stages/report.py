@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cifarcnn import figures
 from cifarcnn.config import RunConfig, config_digest, load_params, resolve_seeds, run_names
-from cifarcnn.errors import UserError, cli
+from cifarcnn.errors import UserError, cli, stage_args
 from cifarcnn.fsutil import csv_text, read_json, write_text
 from cifarcnn.report import aggregates, load_results, logged_run_id, mean_curves, results_markdown
 from cifarcnn.runfiles import load_curves, run_dirs
@@ -75,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*stage_args("python stages/report.py", 0, __doc__))

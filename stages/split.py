@@ -10,7 +10,7 @@ from pathlib import Path
 from cifarcnn.batches import split_record
 from cifarcnn.config import load_params, resolve_run, run_names
 from cifarcnn.data import Dataset
-from cifarcnn.errors import cli
+from cifarcnn.errors import cli, stage_args
 from cifarcnn.fsutil import write_json
 
 OUT = Path("results/split.json")
@@ -26,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*stage_args("python stages/split.py", 0, __doc__))

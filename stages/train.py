@@ -6,12 +6,11 @@ run.json (the MLflow run id, device, data), config.json, curves.csv and train_lo
 evaluate stage draws them). A killed run resumes from models/<run>/seed<seed>/resume-<key>.pt
 (key: config, seed, data, training code), which is not a DVC output.
 """
-import sys
 from pathlib import Path
 
 from cifarcnn.config import RunConfig
 from cifarcnn.data import Dataset
-from cifarcnn.errors import UserError, cli
+from cifarcnn.errors import UserError, cli, stage_args
 from cifarcnn.fsutil import read_json
 from cifarcnn.pipeline import train_and_track
 from cifarcnn.runfiles import run_dirs
@@ -33,6 +32,4 @@ def main(run_name: str, seed: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python stages/train.py <run name from params.yaml> <seed>")
-    main(*sys.argv[1:])
+    main(*stage_args("python stages/train.py <run name from params.yaml> <seed>", 2, __doc__))

@@ -3,7 +3,6 @@
 Once on the ImageNet ResNet18 (as the report) and once on the fine-tuned task4a model of the
 first seed in train.seeds (dvc.yaml passes it: `python stages/visualize.py <seed>`).
 """
-import sys
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from cifarcnn import figures
 from cifarcnn.checkpoint import load_best_model, verified_checkpoint
 from cifarcnn.config import load_params, pretrained_choice, resolve_resnet_weights, resolve_viz
-from cifarcnn.errors import cli
+from cifarcnn.errors import cli, stage_args
 from cifarcnn.fsutil import read_json, write_json
 from cifarcnn.models import create_model
 from cifarcnn.runfiles import BEST, run_dirs
@@ -50,6 +49,4 @@ def main(seed: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python stages/visualize.py <seed of the task4a model shown>")
-    main(sys.argv[1])
+    main(*stage_args("python stages/visualize.py <seed of the task4a model shown>", 1, __doc__))

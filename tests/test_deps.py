@@ -123,3 +123,20 @@ def test_configure_lists_every_param_a_run_takes():
     params = load_params(ROOT / "params.yaml")
     listed = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["configure"]["params"]
     assert {spec["takes_param"] for spec in params["runs"].values()} <= set(listed)
+
+
+def test_every_stage_script_answers_help():
+    """`python stages/<name>.py --help`: the usage and what the stage does, exit 0; a wrong
+    number of arguments: the usage, exit 2."""
+    import subprocess
+    import sys
+
+    scripts = sorted((ROOT / "stages").glob("*.py"))
+    procs = [subprocess.Popen([sys.executable, str(script), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT) for script in scripts]  # at once: each imports torch and mlflow
+    for script, proc in zip(scripts, procs):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (script.name, err)
+        assert out.startswith(f"usage: python stages/{script.name}") and "DVC stage" in out, out
+    wrong = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py"), "task2"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and wrong.stderr.strip() == "usage: python stages/train.py <run name from params.yaml> <seed>"

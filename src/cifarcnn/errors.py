@@ -111,6 +111,19 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def stage_args(usage: str, count: int, doc: str | None = "") -> list[str]:
+    """A stage script's ``count`` positional arguments. ``-h``/``--help`` prints the usage and the
+    script's docstring (exit 0); a wrong count prints the usage (exit 2, as argparse does)."""
+    args = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in args):
+        print(f"usage: {usage}\n\n{(doc or '').strip()}")
+        sys.exit(0)
+    if len(args) != count:
+        print(f"usage: {usage}", file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
 def cli(main: Callable[..., object]) -> Callable[..., None]:
     """Decorate a stage's ``main`` so a :class:`UserError` ends in one clear line.
 
