@@ -140,3 +140,12 @@ def test_every_stage_script_answers_help():
         assert out.startswith(f"usage: python stages/{script.name}") and "DVC stage" in out, out
     wrong = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py"), "task2"], capture_output=True, text=True)
     assert wrong.returncode == 2 and wrong.stderr.strip() == "usage: python stages/train.py <run name from params.yaml> <seed>"
+
+
+def test_final_model_is_a_dvc_artifact_written_by_its_train_stage():
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        artifact = repo.artifacts.read()["dvc.yaml"]["cifar10-task3e"]
+        outs = {str(o) for s in repo.index.stages if s.addressing == "train@task3e-0" for o in s.outs}
+    assert artifact.type == "model" and artifact.desc and artifact.path in outs, (artifact, outs)
