@@ -1,4 +1,4 @@
-"""The team stack end to end, as README "Team set-up" runs it: PostgreSQL, SeaweedFS (S3) and
+"""The team stack end to end, as docs/team.md runs it: PostgreSQL, SeaweedFS (S3) and
 `mlflow server` with basic auth on free loopback ports (cifarcnn.teamstack); the tiny pipeline
 logging to it through a server restart; a DVC remote on the same store (push with the store
 down, push, fresh clone, pull, nothing to re-run); a queued sweep of three with two workers
