@@ -38,14 +38,19 @@ def team(tmp_path_factory):
     """The stack (in a folder the postgres user can enter) and the tiny project logging to it."""
     base = Path(tempfile.mkdtemp(prefix="cifarcnn-team-"))
     os.chmod(base, 0o755)  # PostgreSQL runs as the postgres user when the tests run as root
+    # Secrets as a team might choose them: "%" (configparser), "@", ":" and "/" (URIs), a leading "-" (argv)
+    odd = {"TEAM_PG_PASSWORD": "-pg%2F@:/x" + os.urandom(4).hex(), "TEAM_MLFLOW_PASSWORD": "-ml%s@:/y" + os.urandom(4).hex(),
+           "TEAM_S3_SECRET_KEY": "-s3%@/z" + os.urandom(8).hex()}
+    saved = {k: os.environ.get(k) for k in (*odd, "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                                            "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(odd)
     stack = Stack(base / ".team")
-    started = time.monotonic()
-    state = stack.start()
-    MEASURED["stack_start_s"] = round(time.monotonic() - started, 1)
-    MEASURED.update({f"start_{k}_s": v for k, v in state["seconds"].items()})
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ.update(stack.client_env())  # this process's MlflowClient reads the server and credentials here
     try:
+        started = time.monotonic()
+        state = stack.start()
+        MEASURED["stack_start_s"] = round(time.monotonic() - started, 1)
+        MEASURED.update({f"start_{k}_s": v for k, v in state["seconds"].items()})
+        os.environ.update(stack.client_env())  # this process's MlflowClient reads the server and credentials here
         with tiny_project(tmp_path_factory.mktemp("team"), runs=RUNS) as (repo, env):
             env = {**env, **stack.client_env()}
             yield stack, repo, env
@@ -92,7 +97,9 @@ def test_stack_refuses_requests_without_credentials(team):
         anonymous.list_objects_v2(Bucket="mlflow")
     secrets = (stack.dir / "secrets.env").read_text()
     assert oct(os.stat(stack.dir / "secrets.env").st_mode & 0o777) == "0o600"
-    assert stack.secrets()["TEAM_MLFLOW_PASSWORD"] in secrets
+    assert f"TEAM_S3_ACCESS_KEY={stack.secrets()['TEAM_S3_ACCESS_KEY']}" in secrets  # generated: kept
+    assert os.environ["TEAM_MLFLOW_PASSWORD"] not in secrets  # from the environment: never written down
+    assert os.environ["TEAM_MLFLOW_PASSWORD"] not in (stack.dir / "logs" / "mlflow.log").read_text()
 
 
 def _all_command_lines() -> list[str]:
@@ -136,6 +143,25 @@ def test_dvc_remote_keys_go_to_config_local_even_when_they_look_like_options(tmp
     assert oct(os.stat(repo / ".dvc" / "config.local").st_mode & 0o777) == "0o600"
     remote = sh([sys.executable, "-m", "dvc", "config", "remote.team.secret_access_key"], repo, dict(os.environ))
     assert remote.strip() == "-f1yG5dGAJZN-8vmiJbciPVakpP-TYHs"
+
+
+def test_ports_stay_the_same_across_starts_while_free(tmp_path, capsys):
+    """The DVC remote's committed endpointurl and clients' MLFLOW_TRACKING_URI must survive a
+    restart: the ports of the last start are taken again; a taken one is replaced, with a line."""
+    import socket
+
+    stack = Stack(tmp_path / ".team")
+    stack.dir.mkdir()
+    first = stack._ports()
+    assert stack._ports() == first and len(set(first.values())) == len(first)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", first["s3"]))
+        squatter.listen()
+        third = stack._ports()
+    assert third["s3"] != first["s3"] and {k: v for k, v in third.items() if k != "s3"} == \
+        {k: v for k, v in first.items() if k != "s3"}
+    assert f"team stack: port {first['s3']} (s3) is taken; using {third['s3']}; run `python -m cifarcnn.teamstack " \
+           "remote`" in capsys.readouterr().err
 
 
 def _restart_when(stack: Stack, service: str, ready, record: dict) -> threading.Thread:

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -48,6 +49,21 @@ BUCKETS = ("mlflow", "dvc")  # MLflow's artifacts; DVC's remote
 SECRET_KEYS = ("TEAM_PG_PASSWORD", "TEAM_S3_ACCESS_KEY", "TEAM_S3_SECRET_KEY", "TEAM_MLFLOW_PASSWORD")
 MLFLOW_ADMIN = "admin"
 SERVICES = ("postgres", "s3", "mlflow")  # in start order; stopped in reverse
+
+
+PORT_NAMES = ("postgres", "mlflow", "s3", "s3_grpc", "master", "master_grpc", "volume", "volume_grpc", "filer",
+              "filer_grpc")
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Nothing listens there (SO_REUSEADDR as servers bind: a stopped one's TIME_WAIT is no obstacle)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -239,15 +255,19 @@ class Stack:
         return True
 
     def _start_mlflow(self, state: dict, keys: dict) -> None:
-        pg = f"postgresql+psycopg2://mlflow:{keys['TEAM_PG_PASSWORD']}@{self.host}:{state['ports']['postgres']}"
+        # Quoted: a password with "@", ":" or "/" would otherwise end the URI's user part early.
+        pg = (f"postgresql+psycopg2://mlflow:{urllib.parse.quote(keys['TEAM_PG_PASSWORD'], safe='')}"
+              f"@{self.host}:{state['ports']['postgres']}")
         backend = self.backend_uri or f"{pg}/mlflow"
         users = os.environ.get("TEAM_AUTH_DB_URI") or (
             f"sqlite:///{self.dir / 'basic_auth.db'}" if self.backend_uri else f"{pg}/mlflow_auth")
         auth_ini = self.dir / "basic_auth.ini"
         auth_ini.touch(mode=0o600)
+        def ini(value: str) -> str:  # MLflow reads this with configparser, whose interpolation takes "%"
+            return value.replace("%", "%%")
         auth_ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                            f"database_uri = {users}\n"
-                            f"admin_username = {MLFLOW_ADMIN}\nadmin_password = {keys['TEAM_MLFLOW_PASSWORD']}\n"
+                            f"database_uri = {ini(users)}\n"
+                            f"admin_username = {MLFLOW_ADMIN}\nadmin_password = {ini(keys['TEAM_MLFLOW_PASSWORD'])}\n"
                             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         # The store URI holds the database password: it goes in the environment (readable by this
         # user only), not in argv, which every user on the machine can read with `ps`.
@@ -270,8 +290,7 @@ class Stack:
             return self.state()
         keys = self.secrets()
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-        ports = {name: free_port(self.host) for name in (
-            "postgres", "mlflow", "s3", "s3_grpc", "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc")}
+        ports = self._ports()
         state = {"host": self.host, "ports": ports, "pids": {}, "seconds": {},
                  "mlflow_uri": f"http://{self.host}:{ports['mlflow']}", "s3_url": f"http://{self.host}:{ports['s3']}"}
         self._save(state)
@@ -285,6 +304,30 @@ class Stack:
             self.stop()
             raise
         return state
+
+    def _ports(self) -> dict[str, int]:
+        """The ports of the last start where they are still free (so the DVC remote's committed
+        endpointurl and every client's MLFLOW_TRACKING_URI stay valid across restarts), new free
+        ones otherwise, with a line saying so. Kept in ports.json, which `stop` leaves."""
+        saved_file = self.dir / "ports.json"
+        saved = json.loads(saved_file.read_text()) if saved_file.exists() else {}
+        ports: dict[str, int] = {}
+        for name in PORT_NAMES:
+            want = saved.get(name)
+            if want and want not in ports.values() and _port_free(self.host, want):
+                ports[name] = want
+                continue
+            port = free_port(self.host)
+            while port in ports.values():
+                port = free_port(self.host)
+            ports[name] = port
+            if want:
+                print(f"team stack: port {want} ({name}) is taken; using {port}" +
+                      ("; run `python -m cifarcnn.teamstack remote` in each checkout so DVC's endpointurl follows"
+                       if name == "s3" else "; clients take the new MLFLOW_TRACKING_URI from "
+                       "`python -m cifarcnn.teamstack env`" if name == "mlflow" else ""), file=sys.stderr)
+        saved_file.write_text(json.dumps(ports, indent=2) + "\n")
+        return ports
 
     def start_service(self, name: str, state: dict | None = None, keys: dict | None = None) -> None:
         state, keys = state or self.state(), keys or self.secrets()
