@@ -330,3 +330,17 @@ def test_queued_sweep_runs_two_at_once_through_a_database_restart(team, tmp_path
     sh(["git", "clone", "-q", str(origin), str(mate)], tmp_path, env)
     sh(["dvc", "exp", "pull", "origin", name], mate, {**env, **stack.s3_env()})
     assert name in sh(["dvc", "exp", "list", "--name-only"], mate, env)
+
+
+def test_start_after_a_crash_cleans_up_and_starts(team):
+    """kill -9 of the MLflow server: `start` again stops what is left (PostgreSQL, weed) instead
+    of failing on their locks, and comes up on the same ports. Runs last: it restarts the stack."""
+    import signal
+
+    stack, _, _ = team
+    before = stack.state()
+    os.kill(before["pids"]["mlflow"], signal.SIGKILL)
+    old_weed = before["pids"]["s3"]
+    after = stack.start()
+    assert stack.running() and not _alive(old_weed)
+    assert after["ports"] == before["ports"] and after["mlflow_uri"] == before["mlflow_uri"]

@@ -286,8 +286,14 @@ class Stack:
     # --- commands ---------------------------------------------------------------------
     def start(self) -> dict:
         """Start every service (a running stack is left as it is); returns the state."""
-        if self.state_file.exists() and self.running():
-            return self.state()
+        if self.state_file.exists():
+            if self.running():
+                return self.state()
+            # A stack that died uncleanly (kill -9, a reboot): what is left of it (a PostgreSQL
+            # still holding its data folder, a `weed` holding its leveldb lock) would make this
+            # start fail; stop what stack.json records first.
+            print("team stack: the last one did not stop cleanly; stopping what is left of it", file=sys.stderr)
+            self.stop()
         keys = self.secrets()
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         ports = self._ports()
