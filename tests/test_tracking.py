@@ -102,6 +102,8 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
                           capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
+    warned = [line for line in (proc.stdout + proc.stderr).splitlines() if "WARNING" in line or "Warning" in line]
+    assert warned == [], warned  # nothing a user cannot act on (MLflow's CloudPickle warning: the model is code)
     evaluation = merged(store / "results" / "task2" / "seed0", "eval.json", "eval_detail.json")
     assert evaluation["mlflow_run_id"] == trained["mlflow_run_id"]
     assert evaluation["val_loss"] == pytest.approx(trained["best_val_loss"], rel=1e-5)

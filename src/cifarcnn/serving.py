@@ -35,6 +35,7 @@ from .checkpoint import load_best_model
 
 CIFAR_SIZE = 32  # the images every model here was trained on
 CHECKPOINT = "checkpoint"  # the artifact key of the best checkpoint inside the logged model
+MODEL_CODE = Path(__file__).with_name("served_model.py")  # what MLflow runs to build the model
 MAX_MB = float(os.environ.get("CIFARCNN_SERVE_MAX_MB", 64))  # decoded pixels per request (N x H x W x 3 bytes)
 CHUNK = 256  # images per forward pass; the timeout is checked between chunks
 EXPECTED = "integer pixel values 0..255 (uint8), shaped [N, H, W, 3] or [H, W, 3]"
@@ -145,8 +146,8 @@ def signature(classes: list[str]):
 def log_classifier(checkpoint: Path, classes: list[str], example: np.ndarray, registered_name: str | None):
     """Log the pyfunc into the active run (and register it as a new version of ``registered_name``)."""
     package = Path(__file__).resolve().parent
-    return mlflow.pyfunc.log_model(
-        name="classifier", python_model=ImageClassifier(), artifacts={CHECKPOINT: str(checkpoint)},
+    return mlflow.pyfunc.log_model(  # as code (served_model.py): nothing pickled
+        name="classifier", python_model=str(MODEL_CODE), artifacts={CHECKPOINT: str(checkpoint)},
         code_paths=[str(package)],  # the model carries this package: it loads without the repository
         signature=signature(classes), input_example=example, registered_model_name=registered_name,
         # explicit requirements: inferring them imports the whole environment (slow)
