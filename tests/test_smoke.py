@@ -43,6 +43,8 @@ def project(tmp_path_factory):
 def test_repro_runs_every_stage(project):
     repo, env, first = project
     ran = ran_stages(first)
+    warned = [line for line in first.splitlines() if "WARNING" in line or "Warning" in line]
+    assert warned == [], warned  # no warning a user cannot act on, from DVC, MLflow or the stages
     assert "download" in ran and "split" in ran, ran
     assert "configure" in ran and all(f"train@{run}-0" in ran and f"evaluate@{run}-0" in ran for run in RUNS), ran
     assert {"visualize", "report"} <= set(ran), ran

@@ -18,16 +18,31 @@ def _copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+ABOUT = "ABOUT.txt"  # what data/pretrained holds: never an empty DVC output (DVC warns on every use of one)
+
+
 def fetch_resnet_weights(resnet_weights: str, cache_dir: Path, out_dir: Path = PRETRAINED_DIR) -> Path | None:
-    """``imagenet``: fetch torchvision's file (SHA-256 checked) into ``out_dir``; else leave it empty."""
+    """``imagenet``: fetch torchvision's file (SHA-256 checked) into ``out_dir``; anything else
+    leaves only ABOUT.txt there, which says why there are no weights."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if resnet_weights != "imagenet":
+        (out_dir / RESNET18_IMAGENET_FILE.name).unlink(missing_ok=True)
+        _write_about(out_dir, f"resnet_weights: {resnet_weights}: no ImageNet weights here; task4a's ResNet18 "
+                              + ("starts from random weights" if resnet_weights == "none" else
+                                 f"loads {resnet_weights}") + ".\n")
         return None
+    _write_about(out_dir, f"resnet_weights: imagenet: {RESNET18_IMAGENET_FILE.name} from {RESNET18_IMAGENET_URL} "
+                          f"(sha256 {RESNET18_IMAGENET_SHA256}).\n")
     src = fetch(RESNET18_IMAGENET_URL, cache_dir, algorithm="sha256", expected=RESNET18_IMAGENET_SHA256,
                 what="resnet_weights: imagenet")
     dest = out_dir / RESNET18_IMAGENET_FILE.name
     _copy(src, dest)
     return dest
+
+
+def _write_about(out_dir: Path, text: str) -> None:
+    with atomic_path(out_dir / ABOUT) as tmp:
+        tmp.write_text(text)
 
 
 def fetch_photo(image: str, sha256: str | None, cache_dir: Path, out: Path = PHOTO) -> tuple[Path, str]:
