@@ -12,8 +12,8 @@ from pathlib import Path
 from cifarcnn import figures
 from cifarcnn.config import RunConfig, config_digest, load_params, resolve_seeds, run_names
 from cifarcnn.errors import UserError, cli, stage_args
-from cifarcnn.fsutil import csv_text, read_json, write_text
-from cifarcnn.report import aggregates, load_results, logged_run_id, mean_curves, results_markdown
+from cifarcnn.fsutil import csv_text, read_json, write_json, write_text
+from cifarcnn.report import aggregates, load_results, logged_run_id, mean_curves, results_markdown, summary
 from cifarcnn.runfiles import load_curves, run_dirs
 from cifarcnn.tracking import log_aggregates, runs_held
 
@@ -71,6 +71,7 @@ def main() -> None:
     task1 = read_json(REPORTS / "task1.json")
     held = runs_held(params["mlflow"]["experiment"], [logged_run_id(r) for seeds in results.values() for r in seeds])
     write_text(REPORTS / "report.md", results_markdown(results, task1, viz, figs, split, held))
+    write_json(REPORTS / "summary.json", summary(results))  # DVC metrics: each run's mean over its seeds
     print(f"wrote {REPORTS / 'report.md'} ({len(results)} runs, seeds {', '.join(map(str, seeds))})")
 
 

@@ -264,3 +264,14 @@ def test_classification_stops_at_the_deadline():
     assert calls == []
     out = serving.classify(model, lambda x: x.float(), ["a", "b"], images, deadline=time.monotonic() + 60)
     assert calls == [serving.CHUNK] * 3 and len(out) == len(images)
+
+
+def test_summary_is_numbers_per_run(tmp_path):
+    """reports/summary.json: one entry per run, numbers only (DVC shows each as a column)."""
+    _fake_results(tmp_path, ["task2", "task3e"], seeds=(0, 1))
+    summary = report.summary(report.load_results(tmp_path, ["task2", "task3e"], [0, 1]))
+    assert set(summary) == {"task2", "task3e"}
+    assert summary["task2"] == {"test_acc": pytest.approx(0.4505), "test_acc_sd": pytest.approx(0.000707, abs=1e-6),
+                                "val_acc": pytest.approx(0.4005), "n": 2}
+    one = report.summary(report.load_results(tmp_path, ["task2"], [0]))
+    assert set(one["task2"]) == {"test_acc", "val_acc", "n"}  # no sd from one seed

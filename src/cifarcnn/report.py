@@ -274,6 +274,19 @@ def aggregates(seeds: list[dict]) -> dict[str, float]:
     return out
 
 
+def summary(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """reports/summary.json, the DVC metrics file that tells the story in one row per
+    experiment: each run's mean test and validation accuracy over its seeds, the test sd (n > 1)
+    and n. Numbers only (`dvc exp show` makes a column of each)."""
+    out = {}
+    for run, seeds in results.items():
+        test = summarize([float(s["eval"]["test_acc"]) for s in seeds])
+        val = summarize([float(s["eval"]["val_acc"]) for s in seeds])
+        out[run] = {"test_acc": round(test.mean, 6), **({"test_acc_sd": round(test.sd, 6)} if test.sd is not None else {}),
+                    "val_acc": round(val.mean, 6), "n": len(seeds)}
+    return out
+
+
 def results_markdown(results: dict[str, list[dict]], task1: dict, viz: dict | None, figures: dict[str, str],
                      split: dict | None = None, held_runs: set[str] | None = None) -> str:
     """reports/report.md: the report's tables rebuilt from the pipeline's metrics, over seeds."""
