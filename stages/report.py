@@ -71,7 +71,8 @@ def main() -> None:
     task1 = read_json(REPORTS / "task1.json")
     held = runs_held(params["mlflow"]["experiment"], [logged_run_id(r) for seeds in results.values() for r in seeds])
     write_text(REPORTS / "report.md", results_markdown(results, task1, viz, figs, split, held))
-    write_json(REPORTS / "summary.json", summary(results))  # DVC metrics: each run's mean over its seeds
+    for run, numbers in summary(results).items():  # DVC metrics: each run's mean over its seeds, a row each
+        write_json(REPORTS / "summary" / f"{run}.json", numbers)
     print(f"wrote {REPORTS / 'report.md'} ({len(results)} runs, seeds {', '.join(map(str, seeds))})")
 
 

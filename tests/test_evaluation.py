@@ -267,7 +267,7 @@ def test_classification_stops_at_the_deadline():
 
 
 def test_summary_is_numbers_per_run(tmp_path):
-    """reports/summary.json: one entry per run, numbers only (DVC shows each as a column)."""
+    """reports/summary/<run>.json: one entry per run, numbers only (DVC shows each as a column)."""
     _fake_results(tmp_path, ["task2", "task3e"], seeds=(0, 1))
     summary = report.summary(report.load_results(tmp_path, ["task2", "task3e"], [0, 1]))
     assert set(summary) == {"task2", "task3e"}

@@ -275,9 +275,9 @@ def aggregates(seeds: list[dict]) -> dict[str, float]:
 
 
 def summary(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    """reports/summary.json, the DVC metrics file that tells the story in one row per
-    experiment: each run's mean test and validation accuracy over its seeds, the test sd (n > 1)
-    and n. Numbers only (`dvc exp show` makes a column of each)."""
+    """reports/summary/<run>.json, the DVC metrics that tell the story: each run's mean test and
+    validation accuracy over its seeds, the test sd (n > 1) and n; one row per run in `dvc
+    metrics show`. Numbers only (`dvc exp show` makes a column of each)."""
     out = {}
     for run, seeds in results.items():
         test = summarize([float(s["eval"]["test_acc"]) for s in seeds])
