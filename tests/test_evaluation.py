@@ -275,3 +275,23 @@ def test_summary_is_numbers_per_run(tmp_path):
                                 "val_acc": pytest.approx(0.4005), "n": 2}
     one = report.summary(report.load_results(tmp_path, ["task2"], [0]))
     assert set(one["task2"]) == {"test_acc", "val_acc", "n"}  # no sd from one seed
+
+
+def test_hyperparameter_table_matches_the_reports_tables_for_the_real_params(tmp_path):
+    """params.yaml as committed reproduces Tables 3, 5, 7, 11 and 12: no cell differs; a shrunk
+    run (CI's one epoch) shows ours in bold with the report's value beside it."""
+    from helpers import real_params
+
+    from cifarcnn.config import resolve_run
+
+    runs = list(report.REPORT_HYPER)
+    _fake_results(tmp_path, runs)
+    params = real_params()
+    for run in runs:
+        (tmp_path / run / "seed0" / "config.json").write_text(json.dumps(resolve_run(params, run).to_dict()))
+    results = report.load_results(tmp_path, runs, [0])
+    table = re.sub(r" +", " ", report.hyperparameter_table(results))
+    assert "report:" not in table and table.count("\n") == len(runs) + 1, table
+    assert "| task3e | Table 11 | Adam | 32 | 0.0006 | 10 | 4 | flip 0.5, rotation ±10°, jitter 0.5/0.5/0.5/0.5 | 32 px |" in table
+    results["task2"][0]["config"]["epochs"] = 1
+    assert "| **1** (report: 10) |" in re.sub(r" +", " ", report.hyperparameter_table(results))

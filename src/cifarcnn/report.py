@@ -98,6 +98,23 @@ REPORT_ACCURACY = {
     "task3e": {"train_augmented": 81.77, "val_augmented": 77.87, "test": 80.89},  # Figure 6
     "task4a": {"train": 97.16, "val": 89.89, "test": 89.46},  # Figure 7
 }
+# The report's hyperparameter tables. Tables 5 and 7 list only what differs from Task 2's Table 3
+# ("anything not listed is kept the same"); Task 3d trains Model 2; Table 11 gives no epochs or
+# early stopping (so Task 2's); Task 4a's epochs come from Figure 7.
+_TASK2_HYPER = {"optimizer": "SGD", "batch_size": 64, "lr": 0.05, "epochs": 10, "early_stop_count": 4,
+                "augmentation": "off", "input": "32 px"}
+REPORT_AUGMENTATION = "flip 0.5, rotation ±10°, jitter 0.5/0.5/0.5/0.5"
+REPORT_HYPER = {
+    "task2": ("Table 3", _TASK2_HYPER),
+    "task3a_model1": ("Table 5", {**_TASK2_HYPER, "optimizer": "Adam", "lr": 0.00049}),
+    "task3a_model2": ("Table 7", {**_TASK2_HYPER, "lr": 0.15}),
+    "task3d_dropout": ("Table 7 (Model 2), early stopping off", {**_TASK2_HYPER, "lr": 0.15, "early_stop_count": None}),
+    "task3d_no_dropout": ("Table 7 (Model 2), early stopping off", {**_TASK2_HYPER, "lr": 0.15, "early_stop_count": None}),
+    "task3e": ("Table 11", {**_TASK2_HYPER, "optimizer": "Adam", "batch_size": 32, "lr": 0.0006,
+                            "augmentation": REPORT_AUGMENTATION}),
+    "task4a": ("Table 12", {**_TASK2_HYPER, "optimizer": "Adam", "batch_size": 32, "lr": 0.0005, "epochs": 5,
+                            "input": "224 px"}),
+}
 REPORT_BEST_STEP = {"task2": 5000}  # footnote 1 of Table 4: "the model that has trained ≈ 5000" steps
 REPORT_ORDER = list(REPORT_ACCURACY)
 SPLITS = {"train": "Training", "val": "Validation", "test": "Test",
@@ -274,6 +291,38 @@ def aggregates(seeds: list[dict]) -> dict[str, float]:
     return out
 
 
+def _augmentation(augment: dict | None) -> str:
+    if not augment:
+        return "off"
+    jitter = "/".join(f"{augment.get(k, 0):g}" for k in ("brightness", "contrast", "saturation", "hue"))
+    return f"flip {augment.get('hflip_p', 0):g}, rotation ±{augment.get('rotate_deg', 0):g}°, jitter {jitter}"
+
+
+def hyperparameter_table(results: dict[str, list[dict]]) -> str:
+    """The report's Tables 3, 5, 7, 11 and 12 beside each run's resolved config (config.json of
+    its first seed): a cell reads ours, with the report's value beside it where they differ."""
+    rows = []
+    for run, seeds in results.items():
+        config = seeds[0].get("config")
+        if not config or run not in REPORT_HYPER:
+            continue
+        where, report = REPORT_HYPER[run]
+        ours = {"optimizer": {"sgd": "SGD", "adam": "Adam"}.get(config["optimizer"], config["optimizer"]),
+                "batch_size": config["batch_size"], "lr": config["lr"], "epochs": config["epochs"],
+                "early_stop_count": config.get("early_stop_count"), "augmentation": _augmentation(config.get("augment")),
+                "input": f"{config['input']['size']} px"}
+        row = {"run": run, "report": where}
+        for key, label in (("optimizer", "optimizer"), ("batch_size", "batch"), ("lr", "lr"), ("epochs", "epochs"),
+                           ("early_stop_count", "early stop"), ("augmentation", "augmentation"), ("input", "input")):
+            mine, theirs = ours[key], report[key]
+            shown = "off" if key == "early_stop_count" and mine is None else f"{mine:g}" if isinstance(mine, float) else str(mine)
+            same = mine == theirs or (isinstance(mine, float) and isinstance(theirs, float) and abs(mine - theirs) < 1e-12)
+            reported = "off" if key == "early_stop_count" and theirs is None else f"{theirs:g}" if isinstance(theirs, float) else str(theirs)
+            row[label] = shown if same else f"**{shown}** (report: {reported})"
+        rows.append(row)
+    return text_table(pd.DataFrame(rows)) if rows else ""
+
+
 def summary(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """reports/summary/<run>.json, the DVC metrics that tell the story: each run's mean test and
     validation accuracy over its seeds, the test sd (n > 1) and n; one row per run in `dvc
@@ -315,6 +364,9 @@ def results_markdown(results: dict[str, list[dict]], task1: dict, viz: dict | No
         "- \"report\" is the original report's number (%), \"ours − report\" the difference of the means in percentage points.",
         "",
         "## Runs", "", runs_table(results, held_runs), "",
+        "## Hyperparameters (the report's Tables 3, 5, 7, 11, 12)", "",
+        "Each run's resolved config; where it differs from the report, the report's value is beside it.", "",
+        hyperparameter_table(results), "",
         "## Stopping", "", stopping_table(results), "",
         "## Task 1g — parameters of the Task 2 network", "",
         table(t2[["n", "type", "weight_shape", "weights", "biases", "parameters"]]), "",
