@@ -159,6 +159,9 @@ def test_report_over_three_seeds_gives_spread_verdicts_and_claims(tmp_path):
     claims = "\n".join(report.claims_section(results))
     assert "Table 8: Model 2 beats Model 1" in claims and "n = 3" in claims and "p = " in claims
     assert "Task 3e: the final model beats Task 2's" in claims
+    assert "Task 3c: Adam beats SGD on the same network (Model 1 vs Task 2)** (test accuracy; the report: +1.51 " \
+           "points). Ours: task3a_model1 beats task2 by +1.00 points with n = 3: no test (no spread in the differences)" \
+        in claims  # paired by seed (same network, same initial weights and batches), so the differences are tested
     # task3d's runs pair by seed (same weights, same batches): a paired test; here every difference is equal
     assert "dropout beats no dropout** (test accuracy; the report: +3.82 points). Ours: task3d_dropout does not beat " \
            "task3d_no_dropout by -1.00 points with n = 3: no test (no spread in the differences)" in claims
@@ -188,6 +191,11 @@ def test_report_says_when_task4a_is_not_the_reports_set_up(tmp_path):
     assert "| 64 px" in report.runs_table({"task4a": [shrunk]}) and "1 of 1" in report.runs_table({"task4a": [shrunk]})
 
     assert "| not comparable: random weights |" in report.accuracy_table({"task4a": [shrunk]}, "task4a")
+    _fake_results(tmp_path, ["task3e"])
+    both = report.load_results(tmp_path, ["task3e", "task4a"], [0])
+    claims = "\n".join(report.claims_section(both))
+    assert "Task 4a: ResNet18 transfer learning beats the final model** (the report: +8.57 points). Not testable " \
+           "here: task4a trained from random weights" in claims
     as_reported = {**shrunk, "config": {**config, "input": {**config["input"], "size": 224}, "epochs": 5,
                                         "pretrained": "imagenet"}}
     assert report._task4a_caveats(as_reported) == []
