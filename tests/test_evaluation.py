@@ -165,6 +165,9 @@ def test_report_over_three_seeds_gives_spread_verdicts_and_claims(tmp_path):
     # task3d's runs pair by seed (same weights, same batches): a paired test; here every difference is equal
     assert "dropout beats no dropout** (test accuracy; the report: +3.82 points). Ours: task3d_dropout does not beat " \
            "task3d_no_dropout by -1.00 points with n = 3: no test (no spread in the differences)" in claims
+    assert "**Task 3d: dropout reduces overfitting** (the report: \"the model overfits much less\", from Figure 5). " \
+           "Train − validation accuracy gap, with dropout " in claims
+    assert "(the report's Figure 5 numbers: 10.47 with, 8.30 without). Without dropout the gap is larger by" in claims
     task1 = {"parameters": {"task2": {"rows": [{"n": 1, "type": "Conv2d", "weight_shape": "x", "weights": 1,
                                                  "biases": 1, "parameters": 2}], "total": 2}}}
     full = report.results_markdown(results, task1, None, {}, {"method": "np.random.seed(0); ...", "order": "o"})
@@ -303,3 +306,18 @@ def test_hyperparameter_table_matches_the_reports_tables_for_the_real_params(tmp
     assert "| task3e | Table 11 | Adam | 32 | 0.0006 | 10 | 4 | flip 0.5, rotation ±10°, jitter 0.5/0.5/0.5/0.5 | 32 px |" in table
     results["task2"][0]["config"]["epochs"] = 1
     assert "| **1** (report: 10) |" in re.sub(r" +", " ", report.hyperparameter_table(results))
+
+
+def test_validation_loss_rise_is_read_from_the_curves(tmp_path):
+    """How far the validation loss ends above its minimum, per seed, from curves.csv."""
+    _fake_results(tmp_path, ["task3d_dropout", "task3d_no_dropout"], seeds=(0, 1, 2))
+    for run, rises in (("task3d_dropout", [0.0, 0.1, 0.05]), ("task3d_no_dropout", [0.5, 0.7, 0.6])):
+        for seed, rise in enumerate(rises):
+            rows = ["step,epoch,train_loss,val_loss,val_acc", "1,0.5,2.0,1.5,0.4", "2,1.0,1.5,1.0,0.5",
+                    f"3,1.5,1.2,{1.0 + rise},0.5"]
+            (tmp_path / run / f"seed{seed}" / "curves.csv").write_text("\n".join(rows) + "\n")
+    results = report.load_results(tmp_path, ["task3d_dropout", "task3d_no_dropout"], [0, 1, 2])
+    assert [round(r["val_loss_rise"], 6) for r in results["task3d_no_dropout"]] == [0.5, 0.7, 0.6]
+    lines = report.overfitting_claim(results)
+    assert "with dropout 0.050 ± 0.050 (n = 3), without 0.600 ± 0.100 (n = 3); without dropout it rises larger by " \
+           "+0.55 ± 0.03" in lines[1] and "paired t-test" in lines[1], lines

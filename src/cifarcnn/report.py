@@ -7,6 +7,7 @@ import pandas as pd
 
 from .convmath import parameter_table
 from .fsutil import read_json
+from .runfiles import CURVES_CSV, read_rows
 from .models import count_parameters, create_model, list_models
 from .stats import ALPHA, CONFIDENCE, MIN_SEEDS, claim_sentence, paired, pooled_shift, summarize, verdict, welch
 
@@ -172,6 +173,51 @@ def _comparable(run: str, seed: dict) -> bool:
     return run != "task4a" or bool((seed.get("config") or {}).get("pretrained"))
 
 
+def val_loss_rise(curves_csv: Path) -> float | None:
+    """How far the validation loss ended above its lowest point (last − min), from a seed's
+    curves.csv: the overfitting Figure 5 shows. None without the file."""
+    if not Path(curves_csv).exists():
+        return None
+    losses = [row["val_loss"] for row in read_rows(curves_csv)]
+    return losses[-1] - min(losses) if losses else None
+
+
+def _larger(c, unit: str) -> str:
+    """``larger by +1.20 ± 0.40 points, p = 0.03: significant with n = 5 (paired t-test, α = 0.05)``."""
+    amount = f"{c.difference:+.2f}" + (f" {unit}" if unit else "")
+    if c.p is None:
+        return f"larger by {amount} with n = {c.n_a}: no test ({c.why_none})"
+    sig = "significant" if c.p < ALPHA else "not significant"
+    return (f"larger by {c.difference:+.2f} ± {c.se:.2f}" + (f" {unit}" if unit else "")
+            + f", p = {c.p:.2g}: {sig} with n = {c.n_a} ({c.test}, α = {ALPHA:g})")
+
+
+def overfitting_claim(results: dict[str, list[dict]]) -> list[str]:
+    """Task 3d's "the model overfits much less" with dropout, measured two ways over the seeds:
+    the train − validation accuracy gap, and how far the validation loss rose after its minimum.
+    Paired by seed (the two runs share initial weights and batches)."""
+    if not {"task3d_dropout", "task3d_no_dropout"} <= set(results):
+        return []
+    with_d, without = results["task3d_dropout"], results["task3d_no_dropout"]
+    same_seeds = [r["seed"] for r in with_d] == [r["seed"] for r in without]
+    gap = {name: [100 * (r["eval"]["train_acc"] - r["eval"]["val_acc"]) for r in seeds]
+           for name, seeds in (("with", with_d), ("without", without))}
+    rep = REPORT_ACCURACY
+    rep_gap = {k: rep[run]["train"] - rep[run]["val"] for k, run in (("with", "task3d_dropout"), ("without", "task3d_no_dropout"))}
+    test = paired if same_seeds else welch
+    c = test(gap["without"], gap["with"])
+    lines = [f"- **Task 3d: dropout reduces overfitting** (the report: \"the model overfits much less\", from Figure 5). "
+             f"Train − validation accuracy gap, with dropout {summarize(gap['with']).text(2)} points, without "
+             f"{summarize(gap['without']).text(2)} (the report's Figure 5 numbers: {rep_gap['with']:.2f} with, "
+             f"{rep_gap['without']:.2f} without). Without dropout the gap is " + _larger(c, "points") + "."]
+    rises = {name: [r["val_loss_rise"] for r in seeds] for name, seeds in (("with", with_d), ("without", without))}
+    if all(v is not None for vs in rises.values() for v in vs):
+        c = test(rises['without'], rises['with'])
+        lines.append(f"  Validation loss at the end above its lowest point: with dropout {summarize(rises['with']).text(3)}, "
+                     f"without {summarize(rises['without']).text(3)}; without dropout it rises " + _larger(c, "") + ".")
+    return lines
+
+
 def claims_section(results: dict[str, list[dict]]) -> list[str]:
     lines = []
     for better, worse, where, by_seed in CLAIMS:
@@ -187,6 +233,7 @@ def claims_section(results: dict[str, list[dict]]) -> list[str]:
         c = paired(a, b) if by_seed and same_seeds else welch(a, b)
         lines.append(f"- **{where}** (test accuracy; the report: {ref:+.2f} points). Ours: "
                      + claim_sentence(better, worse, c) + ".")
+    lines += overfitting_claim(results)
     return lines + [""] if lines else []
 
 
@@ -451,7 +498,8 @@ def load_results(results_dir: Path, runs: list[str], seeds: list[int]) -> dict[s
             if (folder / "train.json").exists() and (folder / "eval.json").exists():
                 config_json = folder / "config.json"
                 found.setdefault(run, []).append({
-                    "seed": seed, "train": read(folder / "train.json", "run.json"),
+                    "seed": seed, "val_loss_rise": val_loss_rise(folder / CURVES_CSV),
+                    "train": read(folder / "train.json", "run.json"),
                     "eval": read(folder / "eval.json", "eval_detail.json"),
                     "config": read_json(config_json) if config_json.exists() else None})
     order = {run: i for i, run in enumerate(REPORT_ORDER)}
