@@ -168,6 +168,9 @@ def test_report_over_three_seeds_gives_spread_verdicts_and_claims(tmp_path):
     assert "**Task 3d: dropout reduces overfitting** (the report: \"the model overfits much less\", from Figure 5). " \
            "Train − validation accuracy gap, with dropout " in claims
     assert "(the report's Figure 5 numbers: 10.47 with, 8.30 without). Without dropout the gap is larger by" in claims
+    assert "**Task 3f: the final model's training accuracy is close to its test accuracy** (the report: 81.77 on " \
+           "augmented training images vs 80.89 test, +0.88 points). Ours: training on augmented images minus test is " \
+           in claims
     task1 = {"parameters": {"task2": {"rows": [{"n": 1, "type": "Conv2d", "weight_shape": "x", "weights": 1,
                                                  "biases": 1, "parameters": 2}], "total": 2}}}
     full = report.results_markdown(results, task1, None, {}, {"method": "np.random.seed(0); ...", "order": "o"})

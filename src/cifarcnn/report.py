@@ -234,7 +234,26 @@ def claims_section(results: dict[str, list[dict]]) -> list[str]:
         lines.append(f"- **{where}** (test accuracy; the report: {ref:+.2f} points). Ours: "
                      + claim_sentence(better, worse, c) + ".")
     lines += overfitting_claim(results)
+    lines += train_test_claim(results)
     return lines + [""] if lines else []
+
+
+def train_test_claim(results: dict[str, list[dict]]) -> list[str]:
+    """Task 3f: the final model's training accuracy (on augmented images, as the original
+    measured it) is close to its test accuracy: their difference, seed by seed."""
+    if "task3e" not in results:
+        return []
+    train, test = seed_values(results["task3e"], "train_augmented"), seed_values(results["task3e"], "test")
+    if train is None or test is None:
+        return []
+    rep = REPORT_ACCURACY["task3e"]
+    c = paired(train, test) if len(train) > 1 else welch(train, test)
+    return [f"- **Task 3f: the final model's training accuracy is close to its test accuracy** (the report: "
+            f"{rep['train_augmented']:.2f} on augmented training images vs {rep['test']:.2f} test, "
+            f"{rep['train_augmented'] - rep['test']:+.2f} points). Ours: training on augmented images minus test is "
+            f"{c.difference:+.2f} points (n = {c.n_a})" +
+            (f", ± {c.se:.2f}, p = {c.p:.2g} against no difference ({c.test})" if c.p is not None else
+             f": no test ({c.why_none})") + "."]
 
 
 def shift_section(results: dict[str, list[dict]]) -> list[str]:
