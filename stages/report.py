@@ -64,7 +64,8 @@ def main() -> None:
     viz_path, split_path = RESULTS / "visualize.json", RESULTS / "split.json"
     viz = read_json(viz_path) if viz_path.exists() else None
     split = read_json(split_path) if split_path.exists() else None
-    for name in ("task4b_first_layer", "task4c_last_layer", "task4b_first_layer_task4a", "task4c_last_layer_task4a"):
+    for name in ("task4b_first_layer", "task4c_last_layer", "task4b_first_layer_task4a", "task4c_last_layer_task4a",
+                 "task4c_last_layer_train_mode"):
         if (REPORTS / "figures" / f"{name}.png").exists():
             key = name.replace("_first_layer", "").replace("_last_layer", "")
             figs[key] = f"figures/{name}.png"

@@ -40,6 +40,11 @@ def main(seed: str) -> None:
         figures.last_layer_figure(out["last_activations"], out["activation_indices"],
                                   FIGURES / f"task4c_last_layer{suffix}.png",
                                   f"{label}: layer4 activations ({'x'.join(map(str, out['last_shape']))})")
+        if not suffix:  # Figure 10 as the original computed it: the model left in train mode
+            figures.last_layer_figure(out["last_activations_train_mode"], out["activation_indices"],
+                                      FIGURES / "task4c_last_layer_train_mode.png",
+                                      f"{label}, train mode as in the report's Figure 10 (BatchNorm on this photo's "
+                                      f"own statistics): layer4 activations")
         first_filters[suffix] = model.conv1.weight.detach()
         summary[f"layer4_shape{suffix}"] = out["last_shape"]
     if "_task4a" in first_filters and weights != "none":  # conv1 is frozen in task4a: it must not have moved

@@ -178,6 +178,7 @@ def test_report_is_complete(project):
     for heading in ["Hyperparameters", "Task 1g", "Task 2", "Task 3b", "Task 3d", "Task 3e", "Task 4a", "Task 4b",
                     "Task 4c"]:
         assert f"## {heading}" in report, heading
+    assert "figures/task4c_last_layer_train_mode.png" in report  # Figure 10 as the original computed it
     table_rows = [line for line in report.splitlines() if line.startswith("|")]
     assert len(table_rows) > 30
     for line in table_rows:

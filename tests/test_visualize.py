@@ -37,6 +37,18 @@ def test_shapes_and_scaling(model, photo):
         assert arr.min() >= 0 and arr.max() <= 1 and arr.max() == pytest.approx(1.0)
 
 
+def test_train_mode_figure_uses_the_photos_statistics_and_leaves_the_model_alone(model, photo):
+    """Figure 10 as the original computed it: BatchNorm in train mode normalises by this photo's
+    statistics, so the maps differ from eval mode; the model's running statistics do not move."""
+    import torch
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = visualize(model, photo, [14], list(range(10)))
+    assert [a.shape for a in out["last_activations_train_mode"]] == [(7, 7)] * 10
+    assert any(not np.allclose(a, b) for a, b in zip(out["last_activations"], out["last_activations_train_mode"]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not model.training
+
+
 def test_photo_is_resized_to_224(tmp_path):
     Image.fromarray(np.zeros((300, 500, 3), np.uint8)).save(tmp_path / "wide.jpg")
     pixels, x = load_photo(tmp_path / "wide.jpg")

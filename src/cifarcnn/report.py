@@ -494,6 +494,10 @@ def results_markdown(results: dict[str, list[dict]], task1: dict, viz: dict | No
         lines += ["## Task 4c — last conv layer (layer4) on the photo", "",
                   f"Activations {viz.get('activation_indices', '0-9')} of the {'x'.join(map(str, viz['layer4_shape']))} "
                   "output of layer4 (avgpool and fc removed).", "", f"![Task 4c]({figures['task4c']})", ""]
+        if "task4c_train_mode" in figures:
+            lines += ["The report's Figure 10 was computed with the model left in train mode, so each BatchNorm "
+                      "normalised by this one photo's own statistics; drawn that way (the figure above is eval mode, "
+                      "as a trained model is used):", "", f"![Task 4c, train mode]({figures['task4c_train_mode']})", ""]
         if "task4c_task4a" in figures:
             lines += [f"![Task 4c, task4a]({figures['task4c_task4a']})", ""]
     return "\n".join(lines)

@@ -2,10 +2,13 @@
 
 4b: ``conv1``'s filters (64 x 3 x 7 x 7) at the chosen indices, above their activation on
 the photo (resized to 224x224, ImageNet-normalised); each min-max scaled to [0, 1].
-4c: the output of ``layer4`` (everything but avgpool and fc), 512 x 7 x 7; maps 0-9 shown.
+4c: the output of ``layer4`` (everything but avgpool and fc), 512 x 7 x 7; maps 0-9 shown, with
+the model in eval mode, and as the original drew Figure 10, in train mode (BatchNorm on the
+photo's own statistics).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +64,15 @@ def first_layer(model: nn.Module, x: torch.Tensor, indices: list[int]) -> tuple[
 
 
 @torch.no_grad()
-def last_conv_layer(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """All activations [512, 7, 7] of the ResNet without its last two children (avgpool, fc)."""
-    body = nn.Sequential(*list(model.children())[:-2]).eval()
-    return body(x)[0]
+def last_conv_layer(model: nn.Module, x: torch.Tensor, train_mode: bool = False) -> torch.Tensor:
+    """All activations [512, 7, 7] of the ResNet without its last two children (avgpool, fc).
+
+    ``train_mode``: as the original computed Figure 10, with the model left in train mode, so
+    each BatchNorm normalises by the single photo's own statistics instead of its running ones.
+    Done on a copy: a train-mode pass would update the running statistics of ``model``."""
+    body = nn.Sequential(*list(copy.deepcopy(model).children())[:-2]) if train_mode else \
+        nn.Sequential(*list(model.children())[:-2])
+    return body.train(train_mode)(x)[0]
 
 
 def visualize(model: nn.Module, photo: str | Path, filter_indices: list[int], activation_indices: list[int]) -> dict:
@@ -72,12 +80,14 @@ def visualize(model: nn.Module, photo: str | Path, filter_indices: list[int], ac
     pixels, x = load_photo(photo)
     filters, first = first_layer(model, x, filter_indices)
     last = last_conv_layer(model, x)
+    last_train = last_conv_layer(model, x, train_mode=True)  # Figure 10 as the original drew it
     check_indices(activation_indices, last.shape[0], "viz.activation_indices")
     return {
         "photo": pixels,
         "filters": [minmax(f).permute(1, 2, 0).numpy() for f in filters],  # HWC in [0, 1]
         "first_activations": [minmax(a).numpy() for a in first],
         "last_activations": [minmax(last[i]).numpy() for i in activation_indices],
+        "last_activations_train_mode": [minmax(last_train[i]).numpy() for i in activation_indices],
         "filter_indices": list(filter_indices), "activation_indices": list(activation_indices),
         "last_shape": list(last.shape),
     }
