@@ -306,3 +306,14 @@ def test_a_finished_state_resumes_without_training(tmp_path, capsys):
     assert again.resumed_from_step == first.metrics["steps"] == again.metrics["steps"]
     assert again.metrics["test_acc"] == first.metrics["test_acc"] and (tmp_path / BEST).exists()
     assert f"step {first.metrics['steps']}/" not in capsys.readouterr().out  # no training step ran
+
+
+def test_training_loss_points_are_50_step_means_or_20_points_for_short_runs():
+    """A real run's loss curve is the report's 50-step means; a short one keeps at least 20 points
+    (a 48-step CI run would otherwise chart one dot)."""
+    long, short = training.History(), training.History()
+    long.steps, long.losses = list(range(1, 2001)), [float(i % 7) for i in range(2000)]
+    short.steps, short.losses = list(range(1, 49)), [1.0] * 48
+    assert len(long.loss_blocks()["step"]) == 40 and long.loss_blocks()["step"][0] == 50
+    assert short.loss_blocks()["step"][:3] == [2, 4, 6] and len(short.loss_blocks()["mean"]) == 24
+    assert training.loss_window(5) == 1

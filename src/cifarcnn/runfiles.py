@@ -8,7 +8,7 @@ from pathlib import Path
 BEST = "best.pt"  # the checkpoint with the lowest validation loss (a DVC output)
 RESUME_GLOB = "resume-*.pt"  # the latest state of a killed run, one file per key; removed when the run ends
 CURVES_CSV = "curves.csv"  # one row per validation: step, epoch, train_loss, val_loss, val_acc
-TRAIN_LOSS_CSV = "train_loss.csv"  # training loss, mean and std over 50-step blocks
+TRAIN_LOSS_CSV = "train_loss.csv"  # training loss, mean and std over 50-step blocks (fewer for a short run)
 
 
 def run_dirs(run_name: str, seed: int) -> tuple[Path, Path]:

@@ -65,9 +65,12 @@ class History:
     def to_dict(self) -> dict:
         return {"steps": self.steps, "losses": self.losses, "validations": self.validations}
 
-    def loss_blocks(self, window: int = 50) -> dict[str, list]:
+    def loss_blocks(self, window: int | None = None) -> dict[str, list]:
         """Training loss as mean and std over consecutive blocks of ``window`` steps (the
-        report's "mean over 50 steps" and its band); ``step`` is each block's last step."""
+        report's "mean over 50 steps" and its band); ``step`` is each block's last step.
+        Default: 50 steps, fewer for a run under 1,000 steps (at least 20 points on its chart,
+        so a short run's loss curve is not a single dot)."""
+        window = window or loss_window(len(self.losses))
         n = len(self.losses) // window * window
         if n == 0:
             return {"step": self.steps[-1:], "mean": [float(np.mean(self.losses))] if self.losses else [],
@@ -75,6 +78,14 @@ class History:
         blocks = np.asarray(self.losses[:n], dtype=float).reshape(-1, window)
         return {"step": [int(s) for s in self.steps[window - 1:n:window]],
                 "mean": blocks.mean(1).tolist(), "std": blocks.std(1).tolist()}
+
+
+LOSS_WINDOW = 50  # steps per training-loss point, as the report's figures
+
+
+def loss_window(n_steps: int) -> int:
+    """50 steps per point for a real run; fewer (down to 1) when that would leave under 20 points."""
+    return max(1, min(LOSS_WINDOW, n_steps // 20))
 
 
 def should_stop(val_losses: list[float], count: int | None) -> bool:
