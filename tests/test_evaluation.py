@@ -324,3 +324,19 @@ def test_validation_loss_rise_is_read_from_the_curves(tmp_path):
     lines = report.overfitting_claim(results)
     assert "with dropout 0.050 ± 0.050 (n = 3), without 0.600 ± 0.100 (n = 3); without dropout it rises larger by " \
            "+0.55 ± 0.03" in lines[1] and "paired t-test" in lines[1], lines
+
+
+def test_architecture_tables_are_the_reports_but_task3e_second_dropout():
+    """Tables 2, 6 and 10 rebuilt from the registry with the committed params: the same layers,
+    but for task3e's second dropout, which params.yaml sets to the original code's 0.1."""
+    from helpers import real_params
+
+    from cifarcnn.config import resolve_run
+
+    params = real_params()
+    results = {run: [{"config": resolve_run(params, run).to_dict()}] for run in ("task2", "task3a_model2", "task3e")}
+    text = "\n".join(report.architecture_section(results))
+    assert "**`task2`** (model `task2`, 390,410 parameters). Layer for layer as the report's Table 2." in text
+    assert "**`task3a_model2`** (model `task3_model2`, 826,730 parameters). Layer for layer as the report's Table 6." in text
+    assert "Differs from the report's Table 10: row 17: ours Dropout(0.1), the report's Dropout(0.2)." in text
+    assert re.search(r"\| Conv2D +\| 32 +\| ReLU +\| 5×5, stride 1, padding 2 +\| 32×32×32 +\|", text)

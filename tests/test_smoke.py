@@ -175,7 +175,7 @@ def test_dvc_plots_compare_runs(project):
 def test_report_is_complete(project):
     repo, env, _ = project
     report = (repo / "reports" / "report.md").read_text()
-    for heading in ["Hyperparameters", "Task 1g", "Task 2", "Task 3b", "Task 3d", "Task 3e", "Task 4a", "Task 4b",
+    for heading in ["Architectures", "Hyperparameters", "Task 1g", "Task 2", "Task 3b", "Task 3d", "Task 3e", "Task 4a", "Task 4b",
                     "Task 4c"]:
         assert f"## {heading}" in report, heading
     assert "figures/task4c_last_layer_train_mode.png" in report  # Figure 10 as the original computed it

@@ -395,6 +395,84 @@ def hyperparameter_table(results: dict[str, list[dict]]) -> str:
     return text_table(pd.DataFrame(rows)) if rows else ""
 
 
+# The report's architecture tables, row by row: (type, filters / hidden units, activation).
+def _blocks(*channels: int, batch_norm: bool = False) -> list[tuple]:
+    rows: list[tuple] = []
+    for c in channels:
+        rows += [("Conv2D", c, "ReLU")] + ([("BatchNorm2D", None, None), ("Conv2D", c, "ReLU")] if batch_norm else [])
+        rows.append(("MaxPool2D", None, None))
+    return rows
+
+
+REPORT_ARCHITECTURE = {
+    "task2": ("Table 2", _blocks(32, 64, 128) + [("Flatten", None, None), ("Fully-Connected", 64, "ReLU"),
+                                                 ("Fully-Connected", 10, "Softmax")]),
+    "task3a_model2": ("Table 6", _blocks(32, 64, 128) + [
+        ("Flatten", None, None), ("Dropout(0.4)", None, None), ("Fully-Connected", 256, "ReLU"),
+        ("Fully-Connected", 128, "ReLU"), ("Dropout(0.2)", None, None), ("Fully-Connected", 64, "ReLU"),
+        ("Fully-Connected", 32, "ReLU"), ("Fully-Connected", 10, "Softmax")]),
+    "task3e": ("Table 10", _blocks(32, 64, 128, batch_norm=True) + [
+        ("Flatten", None, None), ("Dropout(0.4)", None, None), ("Fully-Connected", 128, "ReLU"),
+        ("Fully-Connected", 64, "ReLU"), ("Dropout(0.2)", None, None), ("Fully-Connected", 64, "ReLU"),
+        ("Fully-Connected", 10, "Softmax")]),
+}
+
+
+def architecture_rows(model, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> list[dict]:
+    """A Sequential model in the report's table form (a ReLU joins the layer before it; the last
+    layer's softmax is in the loss), with each row's output shape from a forward pass."""
+    import torch
+    import torch.nn as nn
+
+    rows: list[dict] = []
+    x = torch.zeros(input_shape)
+    names = {nn.Conv2d: "Conv2D", nn.MaxPool2d: "MaxPool2D", nn.BatchNorm2d: "BatchNorm2D", nn.Flatten: "Flatten",
+             nn.Linear: "Fully-Connected"}
+    with torch.no_grad():
+        for module in model.eval():
+            x = module(x)
+            if isinstance(module, nn.ReLU):
+                rows[-1]["activation"] = "ReLU"
+                continue
+            kind = f"Dropout({module.p:g})" if isinstance(module, nn.Dropout) else names.get(type(module), type(module).__name__)
+            units = module.out_channels if isinstance(module, nn.Conv2d) else \
+                module.out_features if isinstance(module, nn.Linear) else None
+            shape = "×".join(map(str, x.shape[1:]))
+            detail = (f"{module.kernel_size[0]}×{module.kernel_size[1]}, stride {module.stride[0]}, padding {module.padding[0]}"
+                      if isinstance(module, nn.Conv2d) else
+                      f"{module.kernel_size}×{module.kernel_size}, stride {module.stride}" if isinstance(module, nn.MaxPool2d)
+                      else "")
+            rows.append({"type": kind, "units": units, "activation": None, "kernel": detail, "output": shape})
+    if rows and rows[-1]["type"] == "Fully-Connected" and rows[-1]["activation"] is None:
+        rows[-1]["activation"] = "Softmax"  # applied by the cross-entropy loss, as in the original
+    return rows
+
+
+def architecture_section(results: dict[str, list[dict]]) -> list[str]:
+    """Tables 2, 6 and 10 rebuilt from the models each run trained (model registry + its
+    config's model_params), and where a row differs from the report's."""
+    lines = []
+    for run, (where, expected) in REPORT_ARCHITECTURE.items():
+        config = results.get(run, [{}])[0].get("config") if run in results else None
+        if not config:
+            continue
+        model = create_model(config["model"], **config.get("model_params", {}))
+        rows = architecture_rows(model)
+        ours = [(r["type"], r["units"], r["activation"]) for r in rows]
+        table = pd.DataFrame([{"type": r["type"], "filters / units": r["units"] if r["units"] is not None else "-",
+                               "activation": r["activation"] or "-", "kernel": r["kernel"] or "-", "output": r["output"]}
+                              for r in rows])
+        diffs = [f"row {i + 1}: ours {a[0]}{'' if a[1] is None else ' ' + str(a[1])}, the report's "
+                 f"{b[0]}{'' if b[1] is None else ' ' + str(b[1])}" for i, (a, b) in enumerate(zip(ours, expected)) if a != b]
+        if len(ours) != len(expected):
+            diffs.append(f"{len(ours)} rows, the report's {len(expected)}")
+        verdict = (f"Layer for layer as the report's {where}." if not diffs else
+                   f"Differs from the report's {where}: " + "; ".join(diffs) + ".")
+        lines += [f"**`{run}`** (model `{config['model']}`, {count_parameters(model)['total']:,} parameters). {verdict}",
+                  "", text_table(table), ""]
+    return lines
+
+
 def summary(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """reports/summary/<run>.json, the DVC metrics that tell the story: each run's mean test and
     validation accuracy over its seeds, the test sd (n > 1) and n; one row per run in `dvc
@@ -436,6 +514,9 @@ def results_markdown(results: dict[str, list[dict]], task1: dict, viz: dict | No
         "- \"report\" is the original report's number (%), \"ours − report\" the difference of the means in percentage points.",
         "",
         "## Runs", "", runs_table(results, held_runs), "",
+        "## Architectures (the report's Tables 2, 6, 10)", "",
+        "Each from the model registry with the run's own model params; output is channels×height×width; the last "
+        "layer's softmax is applied by the loss, as in the original.", "", *architecture_section(results),
         "## Hyperparameters (the report's Tables 3, 5, 7, 11, 12)", "",
         "Each run's resolved config; where it differs from the report, the report's value is beside it.", "",
         hyperparameter_table(results), "",
