@@ -162,6 +162,7 @@ def test_dvc_plots_compare_runs(project):
     out = sh(["dvc", "plots", "show", "--json"], repo, env)
     shown = json.loads(out)["data"]
     assert {"validation_accuracy", "training_loss", "confusion_task3e"} <= set(shown), list(shown)
+    assert not [name for name in shown if name.endswith(".png")], list(shown)  # the comparing charts only
     accuracy = json.dumps(shown["validation_accuracy"])
     # one line per run, named by its file (DVC drops the common reports/curves/ prefix in the legend)
     assert "Validation accuracy of every run" in accuracy and all(f'"filename": "{r}.csv"' in accuracy for r in RUNS)
