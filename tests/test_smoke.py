@@ -166,6 +166,8 @@ def test_dvc_plots_compare_runs(project):
     accuracy = json.dumps(shown["validation_accuracy"])
     # one line per run, named by its file (DVC drops the common reports/curves/ prefix in the legend)
     assert "Validation accuracy of every run" in accuracy and all(f'"filename": "{r}.csv"' in accuracy for r in RUNS)
+    encoding = shown["validation_accuracy"][0]["content"]["encoding"]  # .dvc/plots/runs_band.json
+    assert encoding["color"]["field"] == "run" and encoding["strokeDash"]["field"] == "rev"
     confusion = json.dumps(shown["confusion_task3e"])
     assert "task3e: test-set confusion matrix" in confusion and '"actual"' in confusion and "true class" in confusion
     experiment = sh(["dvc", "exp", "list", "--name-only"], repo, env).split()[0]  # the lr=0.001 one
