@@ -48,6 +48,8 @@ def test_repro_runs_every_stage(project):
     assert "download" in ran and "split" in ran, ran
     assert "configure" in ran and all(f"train@{run}-0" in ran and f"evaluate@{run}-0" in ran for run in RUNS), ran
     assert {"visualize", "report"} <= set(ran), ran
+    checkpoints = sorted((repo / "mlartifacts").rglob("*.pt"))  # one copy per trained seed: inside its logged model
+    assert len(checkpoints) == len(RUNS) and all("/models/" in str(p) for p in checkpoints), checkpoints
     summary = {p.stem: json.loads(p.read_text()) for p in (repo / "reports" / "summary").glob("*.json")}
     assert set(summary) == set(RUNS) and all(set(v) == {"test_acc", "val_acc", "n"} for v in summary.values())
     assert "reports/summary/task3e.json" in sh(["dvc", "metrics", "show"], repo, env)  # DVC metrics, a row per run
