@@ -29,9 +29,11 @@ def save_checkpoint(path: Path, payload: dict) -> None:
             raise write_error(path, err) from err
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """``mmap=True`` maps the tensors instead of reading them: for a look at a state's
+    config, step and run id without reading its weights and optimizer moments."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:
         raise UserError(f"{path}: not a readable checkpoint ({err}); delete it to start over") from err
 

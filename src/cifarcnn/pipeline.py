@@ -67,7 +67,7 @@ def left_states(cfg: RunConfig, folder: Path, mine: Path) -> list[tuple[Path, st
         if other == mine or is_locked(_lock_of(other)):
             continue
         try:
-            state = load_checkpoint(other)
+            state = load_checkpoint(other, mmap=True)  # config, step and run id only
         except Exception:  # noqa: BLE001 - unreadable: say so, never fail this run over it
             left.append((other, "it is not a readable checkpoint", None))
             continue

@@ -492,15 +492,16 @@ def _parent_run(client: MlflowClient, exp_id: str, run_name: str, digest: str, d
                         f"({type(err).__name__}: {_first_line(err)}); re-run the stage when it answers") from err
 
 
-def runs_held(experiment: str, run_ids: list[str]) -> set[str]:
-    """Which of ``run_ids`` this store holds (the report prints no id it does not)."""
+def runs_held(experiment: str, run_ids: list[str]) -> list[str]:
+    """Which of ``run_ids`` this store holds, in their order (the report prints no id it does
+    not; aggregates go only to parents it holds)."""
     client, _ = connect(experiment)
-    held = set()
+    held = []
     for run_id in dict.fromkeys(run_ids):
         try:
             client.get_run(run_id)
-            held.add(run_id)
-        except Exception:  # noqa: BLE001 - not in this store
+            held.append(run_id)
+        except Exception:  # noqa: BLE001 - not in this store (another server, a fresh mlflow.db)
             pass
     return held
 
@@ -513,13 +514,7 @@ def log_aggregates(experiment: str, run_name: str, digest: str, describes: str, 
     client, exp_id = connect(experiment)
     now = int(time.time() * 1000)
     try:
-        known = []
-        for run_id in dict.fromkeys(parents):
-            try:
-                client.get_run(run_id)
-                known.append(run_id)
-            except Exception:  # noqa: BLE001 - not in this store (another server, a fresh mlflow.db)
-                pass
+        known = runs_held(experiment, parents)
         if not known:  # found by its tags; a parent is made only by a training seed, never here
             found = _find_parent(client, exp_id, run_name, digest, entry_run(client, exp_id) or "none")
             known = [found] if found else []
