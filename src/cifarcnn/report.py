@@ -9,7 +9,7 @@ from .convmath import parameter_table
 from .fsutil import read_json
 from .runfiles import CURVES_CSV, read_rows
 from .models import count_parameters, create_model, list_models
-from .stats import ALPHA, CONFIDENCE, MIN_SEEDS, claim_sentence, paired, pooled_shift, summarize, verdict, welch
+from .stats import ALPHA, CONFIDENCE, MIN_SEEDS, claim_sentence, difference_text, paired, pooled_shift, summarize, verdict, welch
 
 TASK1B = (
     "**(iii) Max pooling** reduces the sensitivity to small translations. A max-pooling window "
@@ -182,16 +182,6 @@ def val_loss_rise(curves_csv: Path) -> float | None:
     return losses[-1] - min(losses) if losses else None
 
 
-def _larger(c, unit: str) -> str:
-    """``larger by +1.20 ± 0.40 points, p = 0.03: significant with n = 5 (paired t-test, α = 0.05)``."""
-    amount = f"{c.difference:+.2f}" + (f" {unit}" if unit else "")
-    if c.p is None:
-        return f"larger by {amount} with n = {c.n_a}: no test ({c.why_none})"
-    sig = "significant" if c.p < ALPHA else "not significant"
-    return (f"larger by {c.difference:+.2f} ± {c.se:.2f}" + (f" {unit}" if unit else "")
-            + f", p = {c.p:.2g}: {sig} with n = {c.n_a} ({c.test}, α = {ALPHA:g})")
-
-
 def overfitting_claim(results: dict[str, list[dict]]) -> list[str]:
     """Task 3d's "the model overfits much less" with dropout, measured two ways over the seeds:
     the train − validation accuracy gap, and how far the validation loss rose after its minimum.
@@ -209,12 +199,12 @@ def overfitting_claim(results: dict[str, list[dict]]) -> list[str]:
     lines = [f"- **Task 3d: dropout reduces overfitting** (the report: \"the model overfits much less\", from Figure 5). "
              f"Train − validation accuracy gap, with dropout {summarize(gap['with']).text(2)} points, without "
              f"{summarize(gap['without']).text(2)} (the report's Figure 5 numbers: {rep_gap['with']:.2f} with, "
-             f"{rep_gap['without']:.2f} without). Without dropout the gap is " + _larger(c, "points") + "."]
+             f"{rep_gap['without']:.2f} without). Without dropout the gap is " + "larger by " + difference_text(c, "points") + "."]
     rises = {name: [r["val_loss_rise"] for r in seeds] for name, seeds in (("with", with_d), ("without", without))}
     if all(v is not None for vs in rises.values() for v in vs):
         c = test(rises['without'], rises['with'])
         lines.append(f"  Validation loss at the end above its lowest point: with dropout {summarize(rises['with']).text(3)}, "
-                     f"without {summarize(rises['without']).text(3)}; without dropout it rises " + _larger(c, "") + ".")
+                     f"without {summarize(rises['without']).text(3)}; without dropout it rises " + "larger by " + difference_text(c, "") + ".")
     return lines
 
 
@@ -370,6 +360,13 @@ def _augmentation(augment: dict | None) -> str:
     return f"flip {augment.get('hflip_p', 0):g}, rotation ±{augment.get('rotate_deg', 0):g}°, jitter {jitter}"
 
 
+def _cell(value, key: str) -> str:
+    """A hyperparameter as the tables write it: early stopping None is "off", floats by %g."""
+    if key == "early_stop_count" and value is None:
+        return "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def hyperparameter_table(results: dict[str, list[dict]]) -> str:
     """The report's Tables 3, 5, 7, 11 and 12 beside each run's resolved config (config.json of
     its first seed): a cell reads ours, with the report's value beside it where they differ."""
@@ -387,10 +384,8 @@ def hyperparameter_table(results: dict[str, list[dict]]) -> str:
         for key, label in (("optimizer", "optimizer"), ("batch_size", "batch"), ("lr", "lr"), ("epochs", "epochs"),
                            ("early_stop_count", "early stop"), ("augmentation", "augmentation"), ("input", "input")):
             mine, theirs = ours[key], report[key]
-            shown = "off" if key == "early_stop_count" and mine is None else f"{mine:g}" if isinstance(mine, float) else str(mine)
             same = mine == theirs or (isinstance(mine, float) and isinstance(theirs, float) and abs(mine - theirs) < 1e-12)
-            reported = "off" if key == "early_stop_count" and theirs is None else f"{theirs:g}" if isinstance(theirs, float) else str(theirs)
-            row[label] = shown if same else f"**{shown}** (report: {reported})"
+            row[label] = _cell(mine, key) if same else f"**{_cell(mine, key)}** (report: {_cell(theirs, key)})"
         rows.append(row)
     return text_table(pd.DataFrame(rows)) if rows else ""
 

@@ -148,12 +148,18 @@ def paired(a: list[float], b: list[float]) -> Comparison:
     return Comparison(d.mean, se, t, n - 1, float(2 * sps.t.sf(abs(t), n - 1)), n, n, "paired t-test")
 
 
+def difference_text(c: Comparison, unit: str = "points") -> str:
+    """``+0.40 ± 0.30 points, p = 0.2: not significant with n = 5 (Welch's t-test, α = 0.05)``, or
+    ``+0.40 points with n = 2: no test (why)``: the one wording of a tested difference."""
+    n = f"n = {c.n_a}" if c.n_a == c.n_b else f"n = {c.n_a} and {c.n_b}"
+    u = f" {unit}" if unit else ""
+    if c.p is None:
+        return f"{c.difference:+.2f}{u} with {n}: no test ({c.why_none})"
+    sig = "significant" if c.p < ALPHA else "not significant"
+    return f"{c.difference:+.2f} ± {c.se:.2f}{u}, p = {c.p:.2g}: {sig} with {n} ({c.test}, α = {ALPHA:g})"
+
+
 def claim_sentence(winner: str, loser: str, c: Comparison, unit: str = "points") -> str:
     """``Model 2 beats Model 1: +0.40 ± 0.30 points, p = 0.2: not significant with n = 5 (Welch's t-test, α = 0.05)``."""
-    n = f"n = {c.n_a}" if c.n_a == c.n_b else f"n = {c.n_a} and {c.n_b}"
     verb = "beats" if c.difference > 0 else "does not beat"
-    if c.p is None:
-        return f"{winner} {verb} {loser} by {c.difference:+.2f} {unit} with {n}: no test ({c.why_none})"
-    sig = "significant" if c.p < ALPHA else "not significant"
-    return (f"{winner} {verb} {loser}: {c.difference:+.2f} ± {c.se:.2f} {unit}, p = {c.p:.2g}: "
-            f"{sig} with {n} ({c.test}, α = {ALPHA:g})")
+    return f"{winner} {verb} {loser}" + (" by " if c.p is None else ": ") + difference_text(c, unit)
