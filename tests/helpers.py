@@ -65,3 +65,21 @@ def training_runs(client, experiment: str) -> list:
     group a run's seeds (tag seeds_parent)."""
     exp = client.get_experiment_by_name(experiment)
     return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("seeds_parent") != "true"]
+
+
+ALWAYS_RUN = {"source"}  # dvc.yaml's always_changed stage: it looks at data.source's files
+
+
+def up_to_date(status: str) -> bool:
+    """`dvc status` reports nothing stale but the always-run `source` stage."""
+    import re
+
+    stale = set(re.findall(r"^(\S[^:\n]*):\s*$", status, re.M))
+    return "up to date" in status or (stale <= ALWAYS_RUN and "changed" not in status.replace("always changed", ""))
+
+
+def ran_stages(output: str) -> list[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran, in order."""
+    import re
+
+    return re.findall(r"Running stage '([^']+)'", output)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import pickle
 import shutil
@@ -370,3 +371,34 @@ def test_image_folder_split_says_which_order_its_indices_mean(tmp_path):
     assert "image folder" in order and "not the official archive's order" in order
     subset = prepare(str(tmp_path / "folder"), None, 50, tmp_path / "sub.npz", tmp_path / "dl")
     assert subset.train_order.startswith("the first 50 training images") and "image folder" in subset.train_order
+
+
+def test_editing_an_image_of_a_local_source_reruns_download(tmp_path):
+    """A local image folder as data.source: `dvc repro download` re-runs when one image in it
+    changes (the always-run `source` stage keys its files), and only then."""
+    from fixtures import tiny_project
+    from helpers import ran_stages, sh
+
+    folder = tmp_path / "images"
+    write_image_folder(folder, n_train=40, n_test=20)
+    with tiny_project(tmp_path / "work") as (repo, env):
+        text = (repo / "params.yaml").read_text()
+        for key, value in (("source", str(folder)), ("md5", "null"), ("subset", "null")):
+            text, n = re.subn(rf"^(\s*{key}:) \S+", rf"\g<1> {value}", text, count=1, flags=re.M)
+            assert n == 1, key
+        (repo / "params.yaml").write_text(text)
+        first = sh(["dvc", "repro", "download"], repo, env)
+        assert ran_stages(first) == ["source", "download"], first
+        npz = (repo / "data" / "cifar10.npz").read_bytes()
+        again = sh(["dvc", "repro", "download"], repo, env)
+        assert ran_stages(again) == ["source"] and "Stage 'download' didn't change" in again, again
+        image = sorted((folder / "train").rglob("*.png"))[0]
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(image)).copy()
+        Image.fromarray(255 - pixels).save(image)  # the same name, other content
+        edited = sh(["dvc", "repro", "download"], repo, env)
+        assert ran_stages(edited) == ["source", "download"], edited
+        assert (repo / "data" / "cifar10.npz").read_bytes() != npz
+        key = json.loads((repo / "data" / "source.json").read_text())
+        assert key["kind"] == "folder" and key["files"] == 60

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fixtures import tiny_project
-from helpers import merged, sh, training_runs
+from helpers import merged, ran_stages, sh, training_runs, up_to_date
 from mlflow.tracking import MlflowClient
 
 from cifarcnn.teamstack import free_port
@@ -26,10 +27,6 @@ from cifarcnn.teamstack import free_port
 pytestmark = pytest.mark.smoke
 EXPERIMENT = "cifar10-cnn-report"
 RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_dropout", "task3e", "task4a"]
-
-
-def ran_stages(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,7 @@ def test_repro_runs_every_stage(project):
     ran = ran_stages(first)
     warned = [line for line in first.splitlines() if "WARNING" in line or "Warning" in line]
     assert warned == [], warned  # no warning a user cannot act on, from DVC, MLflow or the stages
-    assert "download" in ran and "split" in ran, ran
+    assert ran[:2] == ["source", "download"] and "split" in ran, ran
     assert "configure" in ran and all(f"train@{run}-0" in ran and f"evaluate@{run}-0" in ran for run in RUNS), ran
     assert {"visualize", "report"} <= set(ran), ran
     checkpoints = sorted((repo / "mlartifacts").rglob("*.pt"))  # one copy per trained seed: inside its logged model
@@ -84,9 +81,10 @@ def test_repro_runs_every_stage(project):
 def test_second_repro_runs_nothing(project):
     repo, env, _ = project
     again = sh(["dvc", "repro"], repo, env)
-    assert ran_stages(again) == []
+    assert ran_stages(again) == ["source"], again  # always run: it finds data.source unchanged
+    assert "Stage 'download' didn't change" in again
     status = sh(["dvc", "status"], repo, env)
-    assert "up to date" in status
+    assert up_to_date(status) and "always changed" in status, status
 
 
 def test_exp_run_with_lr_reruns_only_the_final_model(project):
@@ -194,6 +192,58 @@ def test_report_is_complete(project):
     assert len(images) >= 12
     for rel in images:
         assert (repo / "reports" / rel).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), rel
+
+
+def test_report_stage_fed_the_h200_seeds(project, tmp_path):
+    """The real report stage (`python stages/report.py`) over results/<run>/seed<n>/ holding the
+    H200's five seeds (bench/results/gpu_seeds_h200.json): every file is a real output of the tiny
+    project's seed 0, with the H200's numbers written into its metrics. The verdicts agree with
+    the prediction intervals: task2 inside, task3e above, task4a (random weights) none, and the
+    pooled shift over the five independent numbers, t(4) = 5.97, p = 0.004."""
+    repo, env, _ = project
+    h200 = json.loads((Path(__file__).resolve().parents[1] / "bench/results/gpu_seeds_h200.json").read_text())["runs"]
+    work = tmp_path / "h200"
+    shutil.copytree(repo / "stages", work / "stages")
+    (work / "reports").mkdir(parents=True)
+    shutil.copy(repo / "reports" / "task1.json", work / "reports")
+    shutil.copytree(repo / "reports" / "figures", work / "reports" / "figures",
+                    ignore=shutil.ignore_patterns("runs"))
+    (work / "results").mkdir()
+    for name in ("split.json", "visualize.json"):
+        shutil.copy(repo / "results" / name, work / "results" / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["seeds"] = [0, 1, 2, 3, 4]
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for run in RUNS:
+        for seed, numbers in h200[run].items():
+            folder = work / "results" / run / f"seed{seed}"
+            shutil.copytree(repo / "results" / run / "seed0", folder)
+            for name, extra in (("train.json", {}), ("eval.json", {}),
+                                ("eval_detail.json", {"train_acc_aug": numbers.get("train_acc_augmented"),
+                                                      "val_acc_aug": numbers.get("val_acc_augmented")})):
+                data = json.loads((folder / name).read_text())
+                data.update({k: v for k, v in {**numbers, **extra}.items() if k in data and v is not None})
+                (folder / name).write_text(json.dumps(data))
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, "seed": int(seed)}))
+    for run, seed in (("task2", "3"), ("task3e", "1")):  # the numbers the report reads are the H200's
+        assert json.loads((work / "results" / run / f"seed{seed}" / "eval.json").read_text())["test_acc"] == \
+            h200[run][seed]["test_acc"]
+    clean = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    out = sh([sys.executable, "stages/report.py"], work, {**clean, "CIFARCNN_NEW_STORE": "1"})
+    report = (work / "reports" / "report.md").read_text()
+    assert "seeds 0, 1, 2, 3, 4" in out and "Seeds per run: 5" in report, out
+
+    def test_row(heading: str) -> list[str]:  # the Test row of the section's accuracy table
+        section = report.split(f"\n{heading}", 1)[1].split("\n## ", 1)[0]
+        row = next(line for line in section.splitlines() if line.startswith("| Test"))
+        return [c.strip() for c in row.strip("|").split("|")]
+
+    assert test_row("## Task 2")[-1].startswith("inside"), test_row("## Task 2")
+    assert test_row("## Task 3e")[-1].startswith("report above"), test_row("## Task 3e")
+    assert test_row("## Task 4a")[-1] == "not comparable: random weights", test_row("## Task 4a")
+    shift = next(line for line in report.splitlines() if line.startswith("Over the report's 5 independent"))
+    assert "t(4) = 5.97, p = 0.004" in shift and "systematically above" in shift, shift
 
 
 def test_mlflow_runs_hold_evaluation_metrics(project):
@@ -569,4 +619,4 @@ def test_failed_run_then_fixed_brings_results_back_without_training(project):
     assert "train@task2-0" not in ran_stages(restored), restored
     assert (repo / "results" / "task2" / "seed0" / "train.json").read_text() == before
     assert len(mlflow_runs(repo)) == runs_before
-    assert "up to date" in sh(["dvc", "status"], repo, env)
+    assert up_to_date(sh(["dvc", "status"], repo, env))
