@@ -102,6 +102,80 @@ def test_stack_refuses_requests_without_credentials(team):
     assert os.environ["TEAM_MLFLOW_PASSWORD"] not in (stack.dir / "logs" / "mlflow.log").read_text()
 
 
+def _anonymous(host: str, port: int, method: str, path: str, tls: bool = False) -> int | None:
+    """The HTTP status an anonymous request gets (no credentials, no client certificate); None
+    when the port does not answer it as HTTP (a TLS handshake refused, a closed connection)."""
+    import http.client
+    import ssl
+
+    try:
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            conn = http.client.HTTPSConnection(host, port, timeout=5, context=context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn.request(method, path, body=b"tampered" if method in ("POST", "PUT") else None)
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+def _tls_session(host: str, port: int, folder: Path | None) -> bool:
+    """Whether a TLS session on ``port`` stays open (the server waits for a request) when the
+    client presents the stack's certificate from ``folder`` (None: no certificate)."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    if folder is not None:
+        context.load_cert_chain(folder / "node.crt", folder / "node.key")
+    try:
+        with socket.create_connection((host, port), timeout=3) as raw, context.wrap_socket(raw) as tls:
+            tls.settimeout(1.5)
+            try:
+                return tls.recv(1) != b""  # data (an HTTP/2 SETTINGS frame): the session is up
+            except TimeoutError:
+                return True  # quiet: the server waits for the request
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def test_every_port_refuses_anonymous_reads_and_writes(team):
+    """Every port the stack listens on, asked without credentials: GET (a listing and a known
+    object), POST, PUT and DELETE, over HTTP and over TLS without a client certificate. Only
+    MLflow's /health and its static UI answer 2xx; SeaweedFS's master, volume and filer ports
+    (HTTP and gRPC) want the stack's client certificate, S3 wants the keys, PostgreSQL speaks
+    its own protocol. The known object is still intact afterwards."""
+    stack, _, _ = team
+    state = stack.state()
+    s3 = stack._s3(state)
+    s3.put_object(Bucket="mlflow", Key="probe/model.txt", Body=b"original")
+    paths = ["/", "/buckets/mlflow/", "/buckets/mlflow/probe/model.txt", "/mlflow/probe/model.txt", "/dir/status",
+             "/api/2.0/mlflow/experiments/search?max_results=1", "/api/2.0/mlflow/runs/create"]
+    answered = []
+    for name, port in state["ports"].items():
+        for tls in (False, True):
+            for method in ("GET", "POST", "PUT", "DELETE"):
+                for path in (paths if method == "GET" else paths[2:4] + paths[-1:]):
+                    status = _anonymous(stack.host, port, method, path, tls)
+                    public = name == "mlflow" and method == "GET" and path == "/" and not tls  # the UI's page
+                    if status is not None and 200 <= status < 300 and not public:
+                        answered.append(f"{name}:{port} {'https' if tls else 'http'} {method} {path} -> {status}")
+    assert not answered, answered
+    assert _anonymous(stack.host, state["ports"]["mlflow"], "GET", "/health") == 200
+    for name in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc"):
+        port = state["ports"][name]  # mutual TLS: up with the stack's certificate, refused without one
+        assert _tls_session(stack.host, port, stack.dir / "tls") and not _tls_session(stack.host, port, None), name
+    assert s3.get_object(Bucket="mlflow", Key="probe/model.txt")["Body"].read() == b"original"
+    security = stack.dir / "tls" / "security.toml"
+    assert oct(os.stat(stack.dir / "tls" / "node.key").st_mode & 0o777) == "0o600" and security.exists()
+
+
 def _all_command_lines() -> list[str]:
     """Every process's argv, as `ps` shows it to any user on the machine."""
     lines = []

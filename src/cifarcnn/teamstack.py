@@ -55,6 +55,49 @@ PORT_NAMES = ("postgres", "mlflow", "s3", "s3_grpc", "master", "master_grpc", "v
               "filer_grpc")
 
 
+def _write_internal_certs(folder: Path, host: str) -> None:
+    """A CA and one certificate (server and client use) for ``host``, 127.0.0.1 and localhost,
+    signed by it: the stack's SeaweedFS processes present it to each other. Keys mode 600."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, node_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cifarcnn team stack CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=3650))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    try:
+        if host != "127.0.0.1":
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:  # a host name
+        names.append(x509.DNSName(host))
+    node = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_name).public_key(node_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    for name, data in (("ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())),
+                       ("node.key", node_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption())),
+                       ("ca.crt", ca.public_bytes(pem)), ("node.crt", node.public_bytes(pem))):
+        path = folder / name
+        path.touch(mode=0o600)
+        os.chmod(path, 0o600)
+        path.write_bytes(data)
+
+
 def _port_free(host: str, port: int) -> bool:
     """Nothing listens there (SO_REUSEADDR as servers bind: a stopped one's TIME_WAIT is no obstacle)."""
     with socket.socket() as s:
@@ -213,11 +256,34 @@ class Stack:
             raise UserError(f"PostgreSQL did not start ({proc.stderr.strip() or proc.stdout.strip()}); see "
                             f"{run / 'postgres.log'}")
 
-    def _spawn(self, name: str, args: list[str], env: dict | None = None) -> int:
+    def _spawn(self, name: str, args: list[str], env: dict | None = None, cwd: Path | None = None) -> int:
         log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)  # its own process group: stopped as one
+                                start_new_session=True, cwd=cwd)  # its own process group: stopped as one
         return proc.pid
+
+    def _seaweed_security(self) -> Path:
+        """SeaweedFS's own ports (master, volume, filer: HTTP and gRPC) closed to anyone without
+        the stack's client certificate: a private CA made once into <dir>/tls/ (keys mode 600)
+        and a security.toml that makes every one of them mutual TLS. Only the S3 port speaks
+        to outsiders, and it wants the access keys. Returns the folder to start `weed` in
+        (it reads ./security.toml)."""
+        folder = (self.dir / "tls").resolve()
+        folder.mkdir(mode=0o700, exist_ok=True)
+        ca_crt, node_crt, node_key = folder / "ca.crt", folder / "node.crt", folder / "node.key"
+        if not (ca_crt.exists() and node_crt.exists() and node_key.exists()):
+            _write_internal_certs(folder, self.host)
+        toml = [f'[grpc]\nca = "{ca_crt}"\n']
+        for part in ("volume", "master", "filer", "s3", "client"):
+            toml.append(f'[grpc.{part}]\ncert = "{node_crt}"\nkey = "{node_key}"\n')
+        toml.append(f'[https.client]\nenabled = true\ncert = "{node_crt}"\nkey = "{node_key}"\nca = "{ca_crt}"\n')
+        for part in ("volume", "master", "filer"):  # with ca set, a client certificate is required
+            toml.append(f'[https.{part}]\ncert = "{node_crt}"\nkey = "{node_key}"\nca = "{ca_crt}"\n')
+        toml.append('[access]\nui = false\n')
+        security = folder / "security.toml"
+        security.touch(mode=0o600)
+        security.write_text("\n".join(toml))
+        return folder
 
     def _start_s3(self, state: dict, keys: dict) -> None:
         p = state["ports"]
@@ -228,13 +294,14 @@ class Stack:
             "name": "team", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
             "credentials": [{"accessKey": keys["TEAM_S3_ACCESS_KEY"], "secretKey": keys["TEAM_S3_SECRET_KEY"]}]}]}))
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        security = self._seaweed_security()
         state["pids"]["s3"] = self._spawn("s3", [
-            weed, "server", f"-dir={self.dir / 'seaweedfs'}", f"-ip={self.host}", f"-ip.bind={self.host}",
+            weed, "server", f"-dir={(self.dir / 'seaweedfs').resolve()}", f"-ip={self.host}", f"-ip.bind={self.host}",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}", "-master.volumeSizeLimitMB=256",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.max=20",
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
-            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={config}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"])
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={config.resolve()}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"], cwd=security)
         self._save(state)
         _wait("SeaweedFS S3", lambda: self._buckets(state), 120, self.dir / "logs" / "s3.log", state["pids"]["s3"])
 
