@@ -8,8 +8,6 @@ usable model (cifarcnn.serving; registered when the run names a registry entry) 
 MLflow run (the id from run.json). Drawing and model logging here, not in the train stage, mean
 a change to a plot or to the served model's wrapper never re-trains a model.
 """
-import os
-from pathlib import Path
 
 from cifarcnn import figures
 from cifarcnn.checkpoint import verified_checkpoint
@@ -19,28 +17,8 @@ from cifarcnn.errors import cli, stage_args, work
 from cifarcnn.evaluation import EVAL_METRICS, evaluate_checkpoint, predictions_csv
 from cifarcnn.fsutil import read_json, split_metrics, staged_outputs, write_json, write_text
 from cifarcnn.runfiles import BEST, load_curves, run_dirs
-from cifarcnn.serving import log_classifier
-from cifarcnn.tracking import ModelLog, git_commit, log_evaluation, repo_root
-
-
-def model_log(run_name: str, seed: int, best: Path, ds: Dataset, train_info: dict, config: dict,
-              metrics: dict) -> ModelLog | None:
-    """The served model of this checkpoint, and what its registry version says about itself."""
-    digest, registered = train_info.get("checkpoint_sha256"), train_info.get("registered_model")
-    if not digest:
-        return None
-    experiment = os.environ.get("DVC_EXP_NAME") or "workspace"
-    return ModelLog(
-        log=lambda: log_classifier(best, ds.classes, ds.test_x[:2], registered),  # 2 real images as the example
-        digest=digest, registered=registered,
-        description=(f"{run_name}, seed {seed}: validation accuracy {metrics['val_acc']:.2%}, test accuracy "
-                     f"{metrics['test_acc']:.2%}; {config['optimizer']} lr {config['lr']:g}, batch "
-                     f"{config['batch_size']}, {train_info.get('epochs_run', config['epochs'])} epochs; data "
-                     f"{train_info.get('data_source')} (subset {train_info.get('data_subset')}); DVC experiment "
-                     f"{experiment}; checkpoint sha256 {digest[:16]}"),
-        tags={"run": run_name, "seed": str(seed), "lr": f"{config['lr']:g}", "val_acc": f"{metrics['val_acc']:.6f}",
-              "test_acc": f"{metrics['test_acc']:.6f}", "dvc_experiment": experiment,
-              "git_commit": git_commit(repo_root()), "checkpoint_sha256": digest})
+from cifarcnn.serving import served_model
+from cifarcnn.tracking import log_evaluation
 
 
 @cli
@@ -61,7 +39,7 @@ def main(run_name: str, seed: str) -> None:
                 figures.confusion(metrics["test_confusion"], metrics["classes"],
                                   f"{run_name} seed {seed}: test accuracy {metrics['test_acc']:.2%}", staged / "confusion.png"),
             ]
-        model = model_log(run_name, int(seed), best, ds, {**read_json(results / "train.json"), **train_info},
+        model = served_model(run_name, int(seed), best, ds, {**read_json(results / "train.json"), **train_info},
                           read_json(results / "config.json"), metrics)
         metrics["mlflow_run_id"] = log_evaluation(params["mlflow"]["experiment"], f"{run_name}-{seed}",
                                                   train_info.get("mlflow_run_id"), metrics, pngs, model)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -32,6 +33,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from .batches import Preprocess
 from .checkpoint import load_best_model
+
+if TYPE_CHECKING:
+    from .data import Dataset
+    from .tracking import ModelLog
 
 CIFAR_SIZE = 32  # the images every model here was trained on
 CHECKPOINT = "checkpoint"  # the artifact key of the best checkpoint inside the logged model
@@ -153,3 +158,26 @@ def log_classifier(checkpoint: Path, classes: list[str], example: np.ndarray, re
         # explicit requirements: inferring them imports the whole environment (slow)
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                           "numpy", "pandas"])
+
+
+def served_model(run_name: str, seed: int, best: Path, ds: Dataset, train_info: dict, config: dict,
+              metrics: dict) -> "ModelLog | None":
+    """The served model of this checkpoint, and what its registry version says about itself
+    (for tracking.log_evaluation: the evaluate stage, and cifarcnn.publish)."""
+    from .tracking import ModelLog, git_commit, repo_root  # here: a model server never needs the tracking code
+
+    digest, registered = train_info.get("checkpoint_sha256"), train_info.get("registered_model")
+    if not digest:
+        return None
+    experiment = os.environ.get("DVC_EXP_NAME") or "workspace"
+    return ModelLog(
+        log=lambda: log_classifier(best, ds.classes, ds.test_x[:2], registered),  # 2 real images as the example
+        digest=digest, registered=registered,
+        description=(f"{run_name}, seed {seed}: validation accuracy {metrics['val_acc']:.2%}, test accuracy "
+                     f"{metrics['test_acc']:.2%}; {config['optimizer']} lr {config['lr']:g}, batch "
+                     f"{config['batch_size']}, {train_info.get('epochs_run', config['epochs'])} epochs; data "
+                     f"{train_info.get('data_source')} (subset {train_info.get('data_subset')}); DVC experiment "
+                     f"{experiment}; checkpoint sha256 {digest[:16]}"),
+        tags={"run": run_name, "seed": str(seed), "lr": f"{config['lr']:g}", "val_acc": f"{metrics['val_acc']:.6f}",
+              "test_acc": f"{metrics['test_acc']:.6f}", "dvc_experiment": experiment,
+              "git_commit": git_commit(repo_root()), "checkpoint_sha256": digest})
