@@ -176,6 +176,52 @@ def test_every_port_refuses_anonymous_reads_and_writes(team):
     assert oct(os.stat(stack.dir / "tls" / "node.key").st_mode & 0o777) == "0o600" and security.exists()
 
 
+def test_named_users_read_edit_and_never_manage_users(team, monkeypatch):
+    """`python -m cifarcnn.teamstack user add NAME --permission read|edit` (the password from
+    TEAM_USER_PASSWORD, never argv): a reader browses but cannot log, an editor logs runs to
+    the project's experiment, neither can create users; `user list` shows them, and a removed
+    user is refused."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+    from mlflow.tracking import MlflowClient
+
+    stack, _, env = team
+    uri = stack.state()["mlflow_uri"]
+    cli = [sys.executable, "-m", "cifarcnn.teamstack", "--dir", str(stack.dir), "--host", stack.host, "user"]
+    passwords = {"reader": "r%@:/#" + os.urandom(4).hex(), "editor": "-e%@:/#" + os.urandom(4).hex()}
+    added = sh([*cli, "add", "reader"], stack.dir.parent, {**env, "TEAM_USER_PASSWORD": passwords["reader"]})
+    assert "user reader: read" in added and passwords["reader"] not in added
+    sh([*cli, "add", "editor", "--permission", "edit"], stack.dir.parent, {**env, "TEAM_USER_PASSWORD": passwords["editor"]})
+    generated = sh([*cli, "add", "visitor"], stack.dir.parent, env)
+    assert re.search(r"password \(shown once, not stored\): \S{20,}", generated), generated
+    listed = sh([*cli, "list"], stack.dir.parent, env).split()
+    assert {"reader", "editor", "visitor", "admin"} <= set(listed), listed
+
+    def as_user(name: str) -> MlflowClient:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", name)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", passwords[name])
+        return MlflowClient(uri)
+
+    exp_id = as_user("reader").get_experiment_by_name(EXPERIMENT).experiment_id
+    assert as_user("reader").search_runs([exp_id], max_results=5) is not None  # browses
+    with pytest.raises(MlflowException, match="(?i)permission"):
+        as_user("reader").create_run(exp_id, run_name="reader-may-not")
+    run = as_user("editor").create_run(exp_id, run_name="editor-logs")
+    as_user("editor").log_metric(run.info.run_id, "x", 1.0)
+    as_user("editor").set_terminated(run.info.run_id)
+    assert as_user("reader").get_run(run.info.run_id).data.metrics["x"] == 1.0
+    for name in ("reader", "editor"):
+        as_user(name)
+        with pytest.raises(MlflowException, match="(?i)permission"):
+            AuthServiceClient(uri).create_user(f"made-by-{name}", "pw-" + os.urandom(4).hex())
+    sh([*cli, "remove", "reader"], stack.dir.parent, env)
+    with pytest.raises(MlflowException):
+        as_user("reader").search_runs([exp_id], max_results=1)
+    assert "reader" not in sh([*cli, "list"], stack.dir.parent, env).split()
+    for name, secret in passwords.items():
+        assert not [line for line in _all_command_lines() if secret in line], name
+
+
 def _all_command_lines() -> list[str]:
     """Every process's argv, as `ps` shows it to any user on the machine."""
     lines = []

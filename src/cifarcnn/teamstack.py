@@ -460,6 +460,67 @@ class Stack:
                 {"access_key_id": s3["AWS_ACCESS_KEY_ID"], "secret_access_key": s3["AWS_SECRET_ACCESS_KEY"]})
 
 
+PERMISSIONS = {"read": "READ", "edit": "EDIT", "manage": "MANAGE"}  # `user add --permission`: MLflow's names
+USER_PASSWORD_ENV = "TEAM_USER_PASSWORD"  # a new user's password, from the environment (else generated, shown once)
+
+
+class Users:
+    """Named MLflow users of the stack, through MLflow's auth API as the stack's admin. Every
+    user reads every experiment (the server's default permission is READ); ``edit`` lets one log
+    runs to the project's experiment and add versions to its registered models, ``manage`` also
+    grant others; only the admin manages users."""
+
+    def __init__(self, stack: "Stack") -> None:
+        self.stack = stack
+        self.env = stack.client_env()
+
+    def _as_admin(self):
+        os.environ.update(self.env)  # MLflow's REST clients read the credentials from here
+        from mlflow.server.auth.client import AuthServiceClient
+        from mlflow.tracking import MlflowClient
+
+        return AuthServiceClient(self.env["MLFLOW_TRACKING_URI"]), MlflowClient(self.env["MLFLOW_TRACKING_URI"])
+
+    def add(self, name: str, permission: str, experiment: str, models: list[str]) -> str | None:
+        """Create ``name``; the generated password when none came from the environment."""
+        if permission not in PERMISSIONS:
+            raise UserError(f"--permission: expected one of {', '.join(PERMISSIONS)}, got {permission!r}")
+        password = os.environ.get(USER_PASSWORD_ENV)
+        generated = None if password else secrets.token_urlsafe(18)
+        auth, client = self._as_admin()
+        try:
+            auth.create_user(name, password or generated)
+        except Exception as err:  # noqa: BLE001 - the server says why (taken name, bad password)
+            raise UserError(f"user {name!r} was not created: {str(err).splitlines()[0][:200]}") from err
+        if permission != "read":
+            found = client.get_experiment_by_name(experiment)
+            exp_id = found.experiment_id if found else client.create_experiment(experiment)
+            auth.grant_user_permission(name, "experiment", exp_id, PERMISSIONS[permission])
+            for model in models:
+                try:
+                    client.get_registered_model(model)
+                except Exception:  # noqa: BLE001 - not registered yet: made here, so a grant can name it
+                    client.create_registered_model(model)
+                auth.grant_user_permission(name, "registered_model", model, PERMISSIONS[permission])
+        return generated
+
+    def remove(self, name: str) -> None:
+        auth, _ = self._as_admin()
+        try:
+            auth.delete_user(name)
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"user {name!r} was not removed: {str(err).splitlines()[0][:200]}") from err
+
+    def list(self) -> list[dict]:
+        import base64
+
+        request = urllib.request.Request(f"{self.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/users/list")
+        token = base64.b64encode(f"{self.env['MLFLOW_TRACKING_USERNAME']}:{self.env['MLFLOW_TRACKING_PASSWORD']}".encode())
+        request.add_header("Authorization", f"Basic {token.decode()}")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read()).get("users", [])
+
+
 def _kill_group(pid: int, timeout: float = 5) -> None:
     """SIGTERM to the process group, SIGKILL after ``timeout`` s (a server waiting on idle
     keep-alive connections would hold its port for long)."""
@@ -483,12 +544,34 @@ def _kill_group(pid: int, timeout: float = 5) -> None:
 @cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cifarcnn.teamstack", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["start", "stop", "env", "remote", "status"])
+    parser.add_argument("command", choices=["start", "stop", "env", "remote", "status", "user"])
+    parser.add_argument("action", nargs="?", choices=["add", "list", "remove"], help="user: what to do")
+    parser.add_argument("name", nargs="?", help="user add/remove: the user name")
+    parser.add_argument("--permission", default="read", choices=list(PERMISSIONS),
+                        help="user add: read (browse), edit (log runs, add model versions), manage (also grant)")
+    parser.add_argument("--experiment", default="cifar10-cnn-report", help="user add: the experiment it may edit")
+    parser.add_argument("--model", action="append", default=None,
+                        help="user add: a registered model it may add versions to (default: cifar10-task3e)")
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("TEAM_STACK_DIR", DEFAULT_DIR)))
     parser.add_argument("--host", default=os.environ.get("TEAM_STACK_HOST", "127.0.0.1"))
     args = parser.parse_args(argv)
     stack = Stack(args.dir, args.host)
-    if args.command == "start":
+    if args.command == "user":
+        if args.action is None or (args.action != "list" and not args.name):
+            parser.error("user add NAME | user list | user remove NAME")
+        users = Users(stack)
+        if args.action == "add":
+            password = users.add(args.name, args.permission, args.experiment, args.model or ["cifar10-task3e"])
+            print(f"user {args.name}: {args.permission}" + (f" on {args.experiment}" if args.permission != "read" else "")
+                  + (f"; password (shown once, not stored): {password}" if password
+                     else f"; password from {USER_PASSWORD_ENV}"))
+        elif args.action == "remove":
+            users.remove(args.name)
+            print(f"user {args.name} removed")
+        else:
+            for user in users.list():
+                print(f"{user.get('username')}{' (admin)' if user.get('is_admin') else ''}")
+    elif args.command == "start":
         state = stack.start()
         print(f"team stack up: MLflow {state['mlflow_uri']} (user {MLFLOW_ADMIN}), S3 {state['s3_url']} "
               f"(buckets {', '.join(BUCKETS)}), "
