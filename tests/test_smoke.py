@@ -63,6 +63,7 @@ def test_repro_runs_every_stage(project):
         assert evaluation["val_loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-5)
         run = runs[f"{name}-0"]
         assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert run.data.tags.get("mlflow.user")  # the UI's "Created by"
         assert client.get_run(run.data.tags["mlflow.parentRunId"]).data.metrics["seeds/n_seeds"] == 1  # the report's aggregates
         assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
         # Grouped names: the charts view orders its sections (the part before the last "/")

@@ -394,6 +394,16 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:200]
 
 
+def run_user() -> str:
+    """Who made a run: the tracking server's user when there is one, else this machine's."""
+    import getpass
+
+    try:
+        return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in this environment (a bare container)
+        return "unknown"
+
+
 def run_tags(run_name: str, device: str, script: str, description: str = "") -> dict[str, str]:
     """What a run says about itself: MLflow's own source tags (the UI's Source and commit
     columns), its description (the Overview note), and where and how it ran."""
@@ -405,6 +415,7 @@ def run_tags(run_name: str, device: str, script: str, description: str = "") -> 
         "mlflow.source.name": script,
         "mlflow.source.type": "PROJECT" if os.environ.get("MLFLOW_RUN_ID") else "LOCAL",
         "mlflow.source.git.commit": commit,
+        "mlflow.user": run_user(),  # the UI's "Created by" (fluent start_run sets it; create_run does not)
         **({"mlflow.note.content": description} if description else {}),
         "git_commit": commit,
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
@@ -476,7 +487,7 @@ def _parent_run(client: MlflowClient, exp_id: str, run_name: str, digest: str, d
         run = client.create_run(exp_id, run_name=name, tags={
             PARENT_MARK: "true", "run": run_name, "config_digest": digest, ENTRY_TAG: entry or "none",
             **({PARENT_TAG: entry} if entry else {}), "git_commit": commit, "mlflow.source.git.commit": commit,
-            "mlflow.source.name": "stages/train.py", "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": "stages/train.py", "mlflow.source.type": "LOCAL", "mlflow.user": run_user(),
             "mlflow.note.content": (f"{describes}. " if describes else "") +
                                    f"All seeds of `{run_name}` with config {digest}: each seed is a child run; "
                                    f"{SEEDS}* are their aggregates (written by the report stage)."})
