@@ -23,7 +23,7 @@ import pytest
 from fixtures import tiny_project
 from helpers import merged, ran_stages, sh
 
-from cifarcnn.teamstack import Stack, _alive
+from cifarcnn.teamstack import Stack, _alive, _write_internal_certs
 
 pytestmark = pytest.mark.smoke
 EXPERIMENT = "cifar10-cnn-report"
@@ -41,8 +41,16 @@ def team(tmp_path_factory):
     # Secrets as a team might choose them: "%" (configparser), "@", ":" and "/" (URIs), a leading "-" (argv)
     odd = {"TEAM_PG_PASSWORD": "-pg%2F@:/x" + os.urandom(4).hex(), "TEAM_MLFLOW_PASSWORD": "-ml%s@:/y" + os.urandom(4).hex(),
            "TEAM_S3_SECRET_KEY": "-s3%@/z" + os.urandom(8).hex()}
+    # HTTPS for MLflow and S3 with a team certificate for 127.0.0.1 from the team's own CA: every
+    # test below goes through it. Clients trust that CA: MLflow by MLFLOW_TRACKING_SERVER_CERT_PATH
+    # (client_env), DVC by its remote's ssl_verify, Python's urllib here by SSL_CERT_FILE.
+    certs = base / "team-certificate"
+    certs.mkdir()
+    _write_internal_certs(certs, "127.0.0.1")
+    odd.update(TEAM_TLS_CERT=str(certs / "node.crt"), TEAM_TLS_KEY=str(certs / "node.key"),
+               TEAM_TLS_CA=str(certs / "ca.crt"), SSL_CERT_FILE=str(certs / "ca.crt"))
     saved = {k: os.environ.get(k) for k in (*odd, "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-                                            "MLFLOW_TRACKING_PASSWORD")}
+                                            "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_SERVER_CERT_PATH")}
     os.environ.update(odd)
     stack = Stack(base / ".team")
     try:
@@ -163,7 +171,7 @@ def test_every_port_refuses_anonymous_reads_and_writes(team):
             for method in ("GET", "POST", "PUT", "DELETE"):
                 for path in (paths if method == "GET" else paths[2:4] + paths[-1:]):
                     status = _anonymous(stack.host, port, method, path, tls)
-                    public = name == "mlflow" and method == "GET" and path == "/" and not tls  # the UI's page
+                    public = name == "mlflow" and method == "GET" and path == "/"  # the UI's page
                     if status is not None and 200 <= status < 300 and not public:
                         answered.append(f"{name}:{port} {'https' if tls else 'http'} {method} {path} -> {status}")
     assert not answered, answered
@@ -373,6 +381,13 @@ def test_pipeline_logs_everything_to_the_server_through_a_restart(team):
     MEASURED["bucket_objects"] = len(keys)
 
 
+def trust_the_team_ca(clone: Path, stack: Stack, env: dict) -> None:
+    """What a teammate does once in a fresh clone when the stack serves HTTPS (docs/team.md)."""
+    state = stack.state()
+    assert state["s3_url"].startswith("https://") and state["mlflow_uri"].startswith("https://")
+    sh(["dvc", "remote", "modify", "--local", "team", "ssl_verify", stack.ca_bundle()], clone, env)
+
+
 def test_dvc_remote_push_clone_pull_repro_nothing(team, tmp_path):
     """A DVC remote on the same store: push fails in one line while the store is down, works
     once it is back; a fresh clone pulls everything and `dvc repro` trains nothing."""
@@ -396,6 +411,7 @@ def test_dvc_remote_push_clone_pull_repro_nothing(team, tmp_path):
 
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    trust_the_team_ca(clone, stack, env)
     pull_env = {**env, **stack.s3_env()}  # a teammate's keys: from the environment (or config.local)
     started = time.monotonic()
     pulled = sh(["dvc", "pull"], clone, pull_env, timeout=300)
@@ -460,6 +476,7 @@ def test_queued_sweep_runs_two_at_once_through_a_database_restart(team, tmp_path
     sh(["dvc", "exp", "push", "origin", name], repo, env)  # the experiment's git ref, and its outputs to the remote
     mate = tmp_path / "teammate"
     sh(["git", "clone", "-q", str(origin), str(mate)], tmp_path, env)
+    trust_the_team_ca(mate, stack, env)
     sh(["dvc", "exp", "pull", "origin", name], mate, {**env, **stack.s3_env()})
     assert name in sh(["dvc", "exp", "list", "--name-only"], mate, env)
 

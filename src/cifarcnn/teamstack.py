@@ -147,9 +147,31 @@ def _wait(what: str, ready, timeout: float, log: Path, pid: int | None = None) -
     raise UserError(f"{what} did not come up within {timeout:g} s ({_last_line(log)}); see {log}")
 
 
-def _http_status(url: str) -> int:
+TLS_ENV = ("TEAM_TLS_CERT", "TEAM_TLS_KEY", "TEAM_TLS_CA")
+
+
+def _tls_settings() -> dict | None:
+    """The team's certificate for MLflow and S3 (``--tls CERT KEY`` or TEAM_TLS_CERT/TEAM_TLS_KEY),
+    and what clients verify it with (TEAM_TLS_CA; default: the certificate itself, right for a
+    self-signed one). None: plain HTTP (for 127.0.0.1 only)."""
+    cert, key, ca = (os.environ.get(k) for k in TLS_ENV)
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise UserError("TLS needs both TEAM_TLS_CERT and TEAM_TLS_KEY (or --tls CERT KEY)")
+    paths = {"cert": Path(cert), "key": Path(key), "ca": Path(ca or cert)}
+    for what, path in paths.items():
+        if not path.is_file():
+            raise UserError(f"TLS {what} {path} is not a file; give the team's certificate, its key and (for clients) its CA")
+    return {what: str(path.resolve()) for what, path in paths.items()}
+
+
+def _http_status(url: str, ca: str | None = None) -> int:
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca) if ca else None  # the team's CA for its own certificate
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(url, timeout=5, context=context) as r:
             return r.status
     except urllib.error.HTTPError as err:
         return err.code
@@ -164,6 +186,15 @@ class Stack:
         self.backend_uri = os.environ.get("TEAM_BACKEND_STORE_URI")  # a team's own database, if any
         self.state_file = self.dir / "stack.json"
         self.secrets_file = self.dir / "secrets.env"
+        self.tls = _tls_settings()  # HTTPS for MLflow and S3 when the team gives a certificate
+
+    def _tls(self, state: dict | None = None) -> dict | None:
+        return (state if state is not None else self.state()).get("tls")
+
+    def ca_bundle(self, state: dict | None = None) -> str | None:
+        """What clients verify the team's certificate against (None: plain HTTP)."""
+        tls = self._tls(state)
+        return tls["ca"] if tls else None
 
     # --- secrets and state ------------------------------------------------------------
     def secrets(self) -> dict[str, str]:
@@ -198,7 +229,8 @@ class Stack:
         """What a shell or CI job sets to log to the server (no S3 keys: artifacts are proxied)."""
         state, keys = self.state(), self.secrets()
         return {"MLFLOW_TRACKING_URI": state["mlflow_uri"], "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
-                "MLFLOW_TRACKING_PASSWORD": keys["TEAM_MLFLOW_PASSWORD"]}
+                "MLFLOW_TRACKING_PASSWORD": keys["TEAM_MLFLOW_PASSWORD"],
+                **({"MLFLOW_TRACKING_SERVER_CERT_PATH": self.ca_bundle(state)} if self.ca_bundle(state) else {})}
 
     def s3_env(self) -> dict[str, str]:
         """The object store's keys, for DVC's remote and for the server (not for MLflow clients)."""
@@ -301,7 +333,9 @@ class Stack:
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.max=20",
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={config.resolve()}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"], cwd=security)
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            *([f"-s3.cert.file={tls['cert']}", f"-s3.key.file={tls['key']}"] if (tls := self._tls(state)) else [])],
+            cwd=security)  # with a certificate the S3 port speaks HTTPS only
         self._save(state)
         _wait("SeaweedFS S3", lambda: self._buckets(state), 120, self.dir / "logs" / "s3.log", state["pids"]["s3"])
 
@@ -310,6 +344,7 @@ class Stack:
         from botocore.config import Config
 
         return boto3.client("s3", endpoint_url=state["s3_url"], config=Config(retries={"max_attempts": 1}),
+                            verify=self.ca_bundle(state),
                             **{k.lower(): v for k, v in self.s3_env().items() if k != "AWS_DEFAULT_REGION"},
                             region_name="us-east-1")
 
@@ -338,16 +373,19 @@ class Stack:
                             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         # The store URI holds the database password: it goes in the environment (readable by this
         # user only), not in argv, which every user on the machine can read with `ps`.
+        tls = self._tls(state)
         env = {**self.s3_env(), "MLFLOW_S3_ENDPOINT_URL": state["s3_url"], "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+               **({"AWS_CA_BUNDLE": tls["ca"]} if tls else {}),  # the server's own S3 client, over HTTPS
                "MLFLOW_FLASK_SERVER_SECRET_KEY": keys["TEAM_MLFLOW_PASSWORD"], "MLFLOW_BACKEND_STORE_URI": backend,
                # MLflow 3's job runner (GenAI jobs this project never submits): seven more Python processes
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         state["pids"]["mlflow"] = self._spawn("mlflow", [
             str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
             "--artifacts-destination", "s3://mlflow/artifacts",
-            "--host", self.host, "--port", str(state["ports"]["mlflow"]), "--workers", "2"], env)
+            "--host", self.host, "--port", str(state["ports"]["mlflow"]), "--workers", "2",
+            *(["--uvicorn-opts", f"--ssl-certfile {tls['cert']} --ssl-keyfile {tls['key']}"] if tls else [])], env)
         self._save(state)
-        _wait("mlflow server", lambda: _http_status(f"{state['mlflow_uri']}/health") == 200, 180,
+        _wait("mlflow server", lambda: _http_status(f"{state['mlflow_uri']}/health", self.ca_bundle(state)) == 200, 180,
               self.dir / "logs" / "mlflow.log", state["pids"]["mlflow"])
 
     # --- commands ---------------------------------------------------------------------
@@ -364,8 +402,9 @@ class Stack:
         keys = self.secrets()
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
         ports = self._ports()
-        state = {"host": self.host, "ports": ports, "pids": {}, "seconds": {},
-                 "mlflow_uri": f"http://{self.host}:{ports['mlflow']}", "s3_url": f"http://{self.host}:{ports['s3']}"}
+        scheme = "https" if self.tls else "http"
+        state = {"host": self.host, "ports": ports, "pids": {}, "seconds": {}, "tls": self.tls,
+                 "mlflow_uri": f"{scheme}://{self.host}:{ports['mlflow']}", "s3_url": f"{scheme}://{self.host}:{ports['s3']}"}
         self._save(state)
         try:
             for name in self.services():
@@ -438,7 +477,8 @@ class Stack:
 
     def running(self) -> bool:
         try:
-            return _http_status(f"{self.state()['mlflow_uri']}/health") == 200
+            state = self.state()
+            return _http_status(f"{state['mlflow_uri']}/health", self.ca_bundle(state)) == 200
         except Exception:  # noqa: BLE001
             return False
 
@@ -457,7 +497,8 @@ class Stack:
         local.touch(mode=0o600)  # before the keys are in it
         with Config(dvc_dir=str(Path(repo) / ".dvc")).edit("local") as conf:
             conf["remote"].setdefault(name, {}).update(
-                {"access_key_id": s3["AWS_ACCESS_KEY_ID"], "secret_access_key": s3["AWS_SECRET_ACCESS_KEY"]})
+                {"access_key_id": s3["AWS_ACCESS_KEY_ID"], "secret_access_key": s3["AWS_SECRET_ACCESS_KEY"],
+                 **({"ssl_verify": self.ca_bundle(state)} if self.ca_bundle(state) else {})})
 
 
 PERMISSIONS = {"read": "READ", "edit": "EDIT", "manage": "MANAGE"}  # `user add --permission`: MLflow's names
@@ -517,7 +558,10 @@ class Users:
         request = urllib.request.Request(f"{self.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/users/list")
         token = base64.b64encode(f"{self.env['MLFLOW_TRACKING_USERNAME']}:{self.env['MLFLOW_TRACKING_PASSWORD']}".encode())
         request.add_header("Authorization", f"Basic {token.decode()}")
-        with urllib.request.urlopen(request, timeout=30) as response:
+        import ssl
+
+        ca = self.stack.ca_bundle()
+        with urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cafile=ca) if ca else None) as response:
             return json.loads(response.read()).get("users", [])
 
 
@@ -554,7 +598,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="user add: a registered model it may add versions to (default: cifar10-task3e)")
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("TEAM_STACK_DIR", DEFAULT_DIR)))
     parser.add_argument("--host", default=os.environ.get("TEAM_STACK_HOST", "127.0.0.1"))
+    parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
+                        help="start: serve MLflow and S3 over HTTPS with the team's certificate (TEAM_TLS_CERT/KEY)")
     args = parser.parse_args(argv)
+    if args.tls:
+        os.environ["TEAM_TLS_CERT"], os.environ["TEAM_TLS_KEY"] = args.tls
     stack = Stack(args.dir, args.host)
     if args.command == "user":
         if args.action is None or (args.action != "list" and not args.name):
