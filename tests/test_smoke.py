@@ -269,15 +269,16 @@ def test_mlflow_runs_hold_evaluation_metrics(project):
 
 
 @contextlib.contextmanager
-def mlflow_service(args: list[str], cwd: Path, env: dict, ready_url: str, timeout: float):
+def mlflow_service(args: list[str], cwd: Path, env: dict, ready_url: str, timeout: float, log: Path | None = None):
     """An `mlflow ...` server (its own process group) that answers 200 on ``ready_url``; stopped
-    with its children afterwards."""
+    with its children afterwards. ``log``: where its output goes (else nowhere)."""
     import signal
     import time
     import urllib.request
 
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the server writes it until stopped
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), *args], cwd=cwd, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + timeout
         while True:
@@ -425,6 +426,42 @@ def test_registered_model_serves_the_evaluate_stages_predictions(project):
                 invoke(refused)
             body = err.value.read().decode()
             assert err.value.code == 400 and reason in json.loads(body)["message"] and len(body) < 400, body
+
+
+def test_served_model_stops_working_past_the_request_timeout(project, tmp_path):
+    """`mlflow models serve` with MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=1: a request that takes
+    longer gets MLflow's 504 at once, and the model stops at its next chunk instead of scoring
+    the rest for nobody (its line in the server's log says where)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+
+    repo, env, _ = project
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    run_id = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")["mlflow_run_id"]
+    (version,) = [v for v in MlflowClient(uri).search_model_versions("name = 'cifar10-task3e'") if v.run_id == run_id]
+    port, log = free_port(), tmp_path / "serve.log"
+    with np.load(repo / "data" / "cifar10.npz") as data:
+        images = np.concatenate([data["test_x"]] * 50)  # 3,000 images, one per forward pass: seconds of work
+    with mlflow_service(["models", "serve", "-m", f"models:/cifar10-task3e/{version.version}", "--env-manager", "local",
+                         "-h", "127.0.0.1", "-p", str(port)], repo,
+                        {**env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "1",
+                         "CIFARCNN_SERVE_CHUNK": "1"},
+                        f"http://127.0.0.1:{port}/ping", 180, log=log):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                     data=json.dumps({"inputs": images.tolist()}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=120)
+        assert err.value.code == 504
+        deadline = time.time() + 60
+        while "cifarcnn: stopped after" not in log.read_text(errors="replace"):
+            assert time.time() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+    stopped = re.search(r"cifarcnn: stopped after (\d+) of (\d+) images", log.read_text(errors="replace"))
+    assert stopped and int(stopped.group(2)) == len(images) and int(stopped.group(1)) < len(images), stopped
 
 
 def test_adding_a_seed_trains_only_the_new_seed(project):

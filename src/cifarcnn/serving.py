@@ -19,6 +19,7 @@ a 400 whose message says what is wrong and what is expected, without a dump of t
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +43,7 @@ CIFAR_SIZE = 32  # the images every model here was trained on
 CHECKPOINT = "checkpoint"  # the artifact key of the best checkpoint inside the logged model
 MODEL_CODE = Path(__file__).with_name("served_model.py")  # what MLflow runs to build the model
 MAX_MB = float(os.environ.get("CIFARCNN_SERVE_MAX_MB", 64))  # decoded pixels per request (N x H x W x 3 bytes)
-CHUNK = 256  # images per forward pass; the timeout is checked between chunks
+CHUNK = int(os.environ.get("CIFARCNN_SERVE_CHUNK", 256))  # images per forward pass; the timeout is checked between chunks
 EXPECTED = "integer pixel values 0..255 (uint8), shaped [N, H, W, 3] or [H, W, 3]"
 
 
@@ -128,6 +129,8 @@ def classify(model: torch.nn.Module, prep, classes: list[str], images: np.ndarra
     parts = []
     for start in range(0, len(images), CHUNK):
         if deadline is not None and time.monotonic() > deadline:
+            print(f"cifarcnn: stopped after {start} of {len(images)} images: past the request timeout", file=sys.stderr,
+                  flush=True)  # the server's log: the client had its 504 already
             raise RequestRefused(f"stopped after {start} of {len(images)} images: the request ran past the server's "
                                  f"timeout; send fewer images per request")
         logits = model(prep(to_cifar(images[start:start + CHUNK])))
