@@ -99,7 +99,7 @@ def test_stack_refuses_requests_without_credentials(team):
     import botocore
     from botocore.config import Config
 
-    anonymous = boto3.client("s3", endpoint_url=state["s3_url"], region_name="us-east-1",
+    anonymous = boto3.client("s3", endpoint_url=state["s3_url"], region_name="us-east-1", verify=stack.ca_bundle(),
                              config=Config(signature_version=botocore.UNSIGNED))
     with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
         anonymous.list_objects_v2(Bucket="mlflow")
