@@ -175,7 +175,9 @@ def test_every_port_refuses_anonymous_reads_and_writes(team):
                     if status is not None and 200 <= status < 300 and not public:
                         answered.append(f"{name}:{port} {'https' if tls else 'http'} {method} {path} -> {status}")
     assert not answered, answered
-    assert _anonymous(stack.host, state["ports"]["mlflow"], "GET", "/health") == 200
+    assert _anonymous(stack.host, state["ports"]["mlflow"], "GET", "/health", tls=bool(stack.ca_bundle())) == 200
+    for name in ("mlflow", "s3"):  # HTTPS only: the plain port answers no request with 2xx (checked above)
+        assert _tls_session(stack.host, state["ports"][name], None) == bool(stack.ca_bundle()), name
     for name in ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc"):
         port = state["ports"][name]  # mutual TLS: up with the stack's certificate, refused without one
         assert _tls_session(stack.host, port, stack.dir / "tls") and not _tls_session(stack.host, port, None), name
