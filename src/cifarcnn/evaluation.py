@@ -14,10 +14,8 @@ from .errors import UserError
 from .scoring import evaluate, predict
 
 
-# eval.json, a DVC metrics file, holds these; the rest of the evaluation goes to eval_detail.json.
-# eval.json, a DVC metrics file. The accuracies on augmented images (task3e's like-for-like
-# numbers) go to eval_detail.json with the rest: two columns of dashes for six runs out of seven
-# would push `dvc metrics show` past 200 columns; the report and MLflow have them.
+# eval.json holds these numbers (only numbers: `dvc metrics show <file>` reads it); the rest of
+# the evaluation, task3e's accuracies on augmented images included, goes to eval_detail.json.
 EVAL_METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss")
 AUGMENTED_EVAL_SEED = 0  # the augmentation draws of the like-for-like pass (fixed: a measurement, not training)
 
