@@ -13,6 +13,11 @@ on the same store, started and stopped by one command each (bound to 127.0.0.1 b
 - ``mlflow server --app-name basic-auth`` serves the runs and proxies the artifacts (clients need
   no S3 keys); a request without the user and password gets 401.
 
+SeaweedFS's own master, volume and filer ports speak mutual TLS with a private CA made into
+``<dir>/tls/``; with ``--tls CERT KEY`` (TEAM_TLS_CERT/TEAM_TLS_KEY, clients verify with
+TEAM_TLS_CA) MLflow and S3 are served over HTTPS only. Named users: ``user add NAME
+--permission read|edit|manage``, ``user list``, ``user remove NAME``.
+
 A team with its own database sets ``TEAM_BACKEND_STORE_URI`` (e.g.
 ``postgresql+psycopg2://mlflow:...@db.internal/mlflow``, read from the environment only, as it
 holds a password): no local PostgreSQL is started, and the users live in ``TEAM_AUTH_DB_URI``
