@@ -40,7 +40,7 @@ def team(tmp_path_factory):
     os.chmod(base, 0o755)  # PostgreSQL runs as the postgres user when the tests run as root
     # Secrets as a team might choose them: "%" (configparser), "@", ":" and "/" (URIs), a leading "-" (argv)
     odd = {"TEAM_PG_PASSWORD": "-pg%2F@:/x" + os.urandom(4).hex(), "TEAM_MLFLOW_PASSWORD": "-ml%s@:/y" + os.urandom(4).hex(),
-           "TEAM_S3_SECRET_KEY": "-s3%@/z" + os.urandom(8).hex()}
+           "TEAM_S3_SECRET_KEY": "-s3%@/#z" + os.urandom(8).hex()}
     # HTTPS for MLflow and S3 with a team certificate for 127.0.0.1 from the team's own CA: every
     # test below goes through it. Clients trust that CA: MLflow by MLFLOW_TRACKING_SERVER_CERT_PATH
     # (client_env), DVC by its remote's ssl_verify, Python's urllib here by SSL_CERT_FILE.
@@ -252,12 +252,18 @@ def test_no_secret_in_any_process_argv(team):
     for name, secret in stack.secrets().items():
         leaked = [line[:120] for line in lines if secret in line]
         assert not leaked, f"{name} is in a process's argv: {leaked}"
+    logs = sorted(p for p in stack.dir.rglob("*.log") if p.is_file())  # every service's log under .team/
+    assert {"mlflow.log", "s3.log"} <= {p.name for p in logs}, logs
+    for log in logs:
+        text = log.read_text(errors="replace")
+        assert not [name for name, secret in stack.secrets().items() if secret in text], log
 
 
 def test_dvc_remote_keys_go_to_config_local_even_when_they_look_like_options(tmp_path, monkeypatch):
     """A generated key can start with "-" (token_urlsafe); it must neither break `dvc remote
     modify` nor reach .dvc/config, and config.local must be readable by its owner only."""
     monkeypatch.setenv("TEAM_S3_SECRET_KEY", "-f1yG5dGAJZN-8vmiJbciPVakpP-TYHs")
+    monkeypatch.setenv("TEAM_S3_ACCESS_KEY", "AK#%@:/x")  # "#" starts a comment in an ini file
     stack = Stack(tmp_path / ".team")
     stack.dir.mkdir()
     stack._save({"s3_url": "http://127.0.0.1:9", "mlflow_uri": "http://127.0.0.1:9", "ports": {}, "pids": {}})
@@ -269,10 +275,12 @@ def test_dvc_remote_keys_go_to_config_local_even_when_they_look_like_options(tmp
     shared, local = (repo / ".dvc" / "config").read_text(), (repo / ".dvc" / "config.local").read_text()
     assert "-f1yG5dGAJZN-8vmiJbciPVakpP-TYHs" not in shared and "endpointurl = http://127.0.0.1:9" in shared
     assert "secret_access_key = -f1yG5dGAJZN-8vmiJbciPVakpP-TYHs" in local
-    assert f"access_key_id = {stack.secrets()['TEAM_S3_ACCESS_KEY']}" in local
+    assert stack.secrets()["TEAM_S3_ACCESS_KEY"] in local
     assert oct(os.stat(repo / ".dvc" / "config.local").st_mode & 0o777) == "0o600"
     remote = sh([sys.executable, "-m", "dvc", "config", "remote.team.secret_access_key"], repo, dict(os.environ))
     assert remote.strip() == "-f1yG5dGAJZN-8vmiJbciPVakpP-TYHs"
+    assert sh([sys.executable, "-m", "dvc", "config", "remote.team.access_key_id"], repo, dict(os.environ)).strip() == \
+        "AK#%@:/x"
 
 
 def test_ports_stay_the_same_across_starts_while_free(tmp_path, capsys):
@@ -484,18 +492,24 @@ def test_queued_sweep_runs_two_at_once_through_a_database_restart(team, tmp_path
 
 
 def test_start_after_a_crash_cleans_up_and_starts(team):
-    """kill -9 of the MLflow server: `start` again stops what is left (PostgreSQL, weed) instead
-    of failing on their locks, and comes up on the same ports. Runs last: it restarts the stack."""
+    """kill -9 of each service in turn (PostgreSQL's postmaster, weed, the MLflow server with its
+    workers): the stack no longer counts as running, and `start` stops what is left of it
+    (instead of failing on a data folder's lock) and comes up on the same ports. Runs last: it
+    restarts the stack."""
     import signal
 
     stack, _, _ = team
-    before = stack.state()
-    os.killpg(before["pids"]["mlflow"], signal.SIGKILL)  # the server and its workers: a crash, not a stop
-    deadline = time.monotonic() + 30
-    while stack.running():  # its workers may answer /health for a moment
-        assert time.monotonic() < deadline, "the killed server still answers"
-        time.sleep(0.2)
-    old_weed = before["pids"]["s3"]
-    after = stack.start()
-    assert stack.running() and not _alive(old_weed)
-    assert after["ports"] == before["ports"] and after["mlflow_uri"] == before["mlflow_uri"]
+    for service in ("postgres", "s3", "mlflow"):
+        before = stack.state()
+        if service == "postgres":
+            os.kill(int((stack.dir / "postgres" / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        else:  # the process group: a server and its workers, a crash, not a stop
+            os.killpg(before["pids"][service], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while stack.running():  # a killed server's workers may answer /health for a moment
+            assert time.monotonic() < deadline, f"the stack still counts as running with {service} killed"
+            time.sleep(0.2)
+        after = stack.start()
+        assert stack.running(), service
+        assert after["ports"] == before["ports"] and after["mlflow_uri"] == before["mlflow_uri"], service
+        assert all(stack.service_alive(name) for name in stack.services()), service

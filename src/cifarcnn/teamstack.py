@@ -480,10 +480,25 @@ class Stack:
     def services(self) -> tuple[str, ...]:
         return tuple(s for s in SERVICES if not (s == "postgres" and self.backend_uri))
 
+    def service_alive(self, name: str, state: dict | None = None) -> bool:
+        """Whether ``name``'s process is alive (PostgreSQL: the postmaster its pid file names)."""
+        state = state if state is not None else self.state()
+        if name == "postgres":
+            try:
+                pid = int((self.dir / "postgres" / "postmaster.pid").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                return False
+        else:
+            pid = state["pids"].get(name)
+        return bool(pid) and _alive(pid)
+
     def running(self) -> bool:
+        """Every service alive and MLflow answering: a stack with one service crashed is not
+        running, so `start` stops what is left of it and starts it whole."""
         try:
             state = self.state()
-            return _http_status(f"{state['mlflow_uri']}/health", self.ca_bundle(state)) == 200
+            return all(self.service_alive(name, state) for name in self.services()) and \
+                _http_status(f"{state['mlflow_uri']}/health", self.ca_bundle(state)) == 200
         except Exception:  # noqa: BLE001
             return False
 
