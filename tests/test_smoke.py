@@ -64,7 +64,9 @@ def test_repro_runs_every_stage(project):
         run = runs[f"{name}-0"]
         assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
         assert run.data.tags.get("mlflow.user")  # the UI's "Created by"
-        assert client.get_run(run.data.tags["mlflow.parentRunId"]).data.metrics["seeds/n_seeds"] == 1  # the report's aggregates
+        parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+        assert parent.data.metrics["seeds/n_seeds"] == 1  # the report's aggregates
+        assert parent.inputs.dataset_inputs and parent.data.tags.get("mlflow.user")  # the data its seeds saw, who
         assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
         # Grouped names: the charts view orders its sections (the part before the last "/")
         # alphabetically, so the training curves come first; one name per number (scored once).

@@ -118,9 +118,11 @@ def _train_and_track(cfg: RunConfig, ds: Dataset, device, model_dir: Path, resul
             run.mark_killed(run_id)
     try:
         n_val = len(validation_indices(len(ds.train_y), cfg.val_fraction, cfg.split_seed)[1])
-        run.log_dataset(str(cfg.data_params.get("source")), data_fingerprint(ds), {
+        dataset = (str(cfg.data_params.get("source")), data_fingerprint(ds), {
             "subset": str(cfg.data_params.get("subset")), "train_images": str(len(ds.train_y) - n_val),
             "val_images": str(n_val), "test_images": str(len(ds.test_y)), "order": ds.train_order})
+        run.log_dataset(*dataset)
+        MlflowRun(run.client, parent).log_dataset(*dataset)  # the parent shows what its seeds trained on
         run.log_params(cfg.flat_params())  # the last call before training that waits for the store
         monitor = run.monitor_system()
         with work():

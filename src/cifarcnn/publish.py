@@ -62,10 +62,12 @@ def publish_seed(experiment: str, run_name: str, seed: dict, ds: Dataset, data_s
                           {**run_tags(run_name, str(info.get("device", "")), "stages/train.py", description),
                            "seed": str(n), PARENT_TAG: parent, PUBLISHED_TAG: str(info.get("mlflow_run_id", ""))})
     try:
-        run.log_dataset(str(data_source), data_fingerprint(ds), {"subset": str(info.get("data_subset")),
-                                                                 "train_images": str(info.get("n_train")),
-                                                                 "val_images": str(info.get("n_val")),
-                                                                 "test_images": str(info.get("n_test"))})
+        dataset = (str(data_source), data_fingerprint(ds), {"subset": str(info.get("data_subset")),
+                                                             "train_images": str(info.get("n_train")),
+                                                             "val_images": str(info.get("n_val")),
+                                                             "test_images": str(info.get("n_test"))})
+        run.log_dataset(*dataset)
+        MlflowRun(run.client, parent).log_dataset(*dataset)
         run.log_params(cfg.flat_params())
         curves = load_curves(results)
         now = int(time.time() * 1000)
