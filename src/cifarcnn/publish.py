@@ -27,7 +27,7 @@ from mlflow.entities import Metric
 from .checkpoint import verified_checkpoint
 from .config import RunConfig, config_digest, load_params, resolve_seeds, run_names
 from .data import Dataset
-from .errors import UserError
+from .errors import UserError, cli
 from .report import aggregates, load_results
 from .runfiles import BEST, load_curves, run_dirs
 from .serving import served_model
@@ -119,7 +119,6 @@ def publish(params: dict, results_dir: Path = Path("results")) -> dict[str, list
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cifarcnn.publish", description=__doc__.split("\n\n")[0])
     parser.parse_args(argv)
-    from .errors import cli
 
     @cli
     def run() -> None:

@@ -34,10 +34,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from .batches import Preprocess
 from .checkpoint import load_best_model
+from .tracking import ModelLog, git_commit, repo_root
 
 if TYPE_CHECKING:
     from .data import Dataset
-    from .tracking import ModelLog
 
 CIFAR_SIZE = 32  # the images every model here was trained on
 CHECKPOINT = "checkpoint"  # the artifact key of the best checkpoint inside the logged model
@@ -164,11 +164,9 @@ def log_classifier(checkpoint: Path, classes: list[str], example: np.ndarray, re
 
 
 def served_model(run_name: str, seed: int, best: Path, ds: Dataset, train_info: dict, config: dict,
-              metrics: dict) -> "ModelLog | None":
+              metrics: dict) -> ModelLog | None:
     """The served model of this checkpoint, and what its registry version says about itself
     (for tracking.log_evaluation: the evaluate stage, and cifarcnn.publish)."""
-    from .tracking import ModelLog, git_commit, repo_root  # here: a model server never needs the tracking code
-
     digest, registered = train_info.get("checkpoint_sha256"), train_info.get("registered_model")
     if not digest:
         return None

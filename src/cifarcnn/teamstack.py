@@ -103,6 +103,9 @@ def _write_internal_certs(folder: Path, host: str) -> None:
         path.write_bytes(data)
 
 
+PORT_WAIT_S = 10  # how long a port of the last start may stay bound by a stopped service before it is replaced
+
+
 def _port_free(host: str, port: int) -> bool:
     """Nothing listens there (SO_REUSEADDR as servers bind: a stopped one's TIME_WAIT is no obstacle)."""
     with socket.socket() as s:
@@ -431,6 +434,9 @@ class Stack:
         ports: dict[str, int] = {}
         for name in PORT_NAMES:
             want = saved.get(name)
+            deadline = time.monotonic() + PORT_WAIT_S  # a service stopped a moment ago may still hold it
+            while want and not _port_free(self.host, want) and time.monotonic() < deadline:
+                time.sleep(0.2)
             if want and want not in ports.values() and _port_free(self.host, want):
                 ports[name] = want
                 continue
@@ -602,7 +608,14 @@ def _kill_group(pid: int, timeout: float = 5) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return
+    deadline = time.monotonic() + timeout  # gone, and its ports with it, before anything is started again
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 @cli
