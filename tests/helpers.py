@@ -83,3 +83,53 @@ def ran_stages(output: str) -> list[str]:
     import re
 
     return re.findall(r"Running stage '([^']+)'", output)
+
+
+def start_queue(repo: Path, env: dict, jobs: int = 1) -> None:
+    """`dvc queue start -j JOBS`: its workers outlive it, so its output must not be a pipe we wait on."""
+    import subprocess
+
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=120)
+
+
+def queue_status(repo: Path, env: dict) -> str:
+    """`dvc queue status`, asked again when DVC trips over a worker's half-written info file
+    (`ERROR: unexpected error - Expecting value: line 1 column 1`), a race inside DVC's queue."""
+    import subprocess
+    import time
+
+    for _ in range(5):
+        proc = subprocess.run(["dvc", "queue", "status"], cwd=repo, env=env, capture_output=True, text=True)
+        if proc.returncode == 0:
+            return proc.stdout + proc.stderr
+        assert "Expecting value" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        time.sleep(1)
+    raise AssertionError(f"dvc queue status failed 5 times: {proc.stdout + proc.stderr}")
+
+
+def queue_states(status: str) -> dict[str, str]:
+    """`dvc queue status`'s table as {experiment name: Queued|Running|Success|Failed|...}."""
+    rows = {}
+    for line in status.splitlines()[1:]:
+        cells = line.split()
+        if len(cells) >= 4 and cells[-1].isalpha() and not line.startswith("Worker"):
+            rows[cells[1]] = cells[-1]
+    return rows
+
+
+def wait_for_queue(repo: Path, env: dict, names: list[str], timeout_s: float = 900) -> dict[str, str]:
+    """Wait until every named queued experiment has ended; {name: Success|Failed}. Only the named
+    tasks count: the queue also lists tasks of earlier tests, and its worker count can read
+    `0 active` while a task still runs."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = queue_status(repo, env)
+        states = queue_states(status)
+        mine = {name: states.get(name, "missing") for name in names}
+        if all(state in ("Success", "Failed") for state in mine.values()):
+            return mine
+        assert time.monotonic() < deadline, f"{mine} after {timeout_s:.0f} s:\n{status}"
+        time.sleep(2)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 from fixtures import tiny_project
-from helpers import merged, ran_stages, sh, training_runs, up_to_date
+from helpers import (merged, queue_status, ran_stages, sh, start_queue, training_runs, up_to_date,
+                     wait_for_queue)
 from mlflow.tracking import MlflowClient
 
 from cifarcnn.teamstack import free_port
@@ -654,17 +655,10 @@ def test_dvc_stopped_mid_training_marks_the_run_killed_and_resumes_it(project):
         (repo / "params.yaml").write_text(original)
 
 
-def start_queue(repo: Path, env: dict) -> None:
-    """`dvc queue start`: its worker outlives it, so its output must not be a pipe we wait on."""
-    subprocess.run(["dvc", "queue", "start"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=True, timeout=120)
-
-
 def test_killed_queued_experiment_resumes_on_the_next_run(project):
     """`dvc exp run --queue` trains in a temporary copy; the resume state lives in the real
     repository, so a queued run killed mid-way continues in the next run of that experiment
     (here `dvc exp run --temp`, which also works in a temporary copy)."""
-    import time
 
     repo, env, _ = project
     folder = repo / "models" / "task3e" / "seed0"
@@ -675,13 +669,7 @@ def test_killed_queued_experiment_resumes_on_the_next_run(project):
         sh(["dvc", "exp", "run", "--queue", *args, "--name", "killed"], repo, env)
         start_queue(repo, env)
         kill_stage_process(repo, "stages/train.py task3e 0", lambda: list(folder.glob("resume-*.pt")))
-        deadline = time.time() + 300
-        while True:
-            status = sh(["dvc", "queue", "status"], repo, env)
-            if "Failed" in status and "0 active" in status:
-                break
-            assert time.time() < deadline, status
-            time.sleep(2)
+        assert wait_for_queue(repo, env, ["killed"], timeout_s=300) == {"killed": "Failed"}
         [state] = folder.glob("resume-*.pt")
         again = sh(["dvc", "exp", "run", "--temp", *args, "--name", "again"], repo, env)
         assert re.search(r"resuming task3e from step \d+", again), again
@@ -712,23 +700,17 @@ def test_queued_experiments_beside_a_training_workspace_keep_their_own_runs(proj
         for i, other in enumerate(others):
             sh(["dvc", "exp", "run", "--queue", "train@task3e-0", "-S", f"lr={other}", "-S", "train.max_epochs=2",
                 "--name", f"other_lr_{i}"], repo, env)
-        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=True, timeout=120)
+        start_queue(repo, env, jobs=2)
         deadline = time.time() + 900
         while not (list(folder.glob("resume-*.pt")) and [  # the queued copy of this config trains, holding the state
                 r for r in mlflow_runs(repo) if r.info.run_id not in before and r.info.status == "RUNNING"
                 and r.data.tags.get("dvc_exp_name") == "same_config"]):
-            assert time.time() < deadline, sh(["dvc", "queue", "status"], repo, env)
+            assert time.time() < deadline, queue_status(repo, env)
             time.sleep(0.2)
         out = sh(["dvc", "repro", "train@task3e-0"], repo, env, timeout=900)  # the workspace, meanwhile
         assert "is in use by another process training the same config and seed; this one trains without it" in out, out
-        while True:
-            status = sh(["dvc", "queue", "status"], repo, env)
-            if status.count("Success") + status.count("Failed") >= 3 and "0 active" in status:
-                break
-            assert time.time() < deadline, status
-            time.sleep(2)
-        assert status.count("Success") == 3, status
+        names = ["same_config", *(f"other_lr_{i}" for i in range(len(others)))]
+        assert wait_for_queue(repo, env, names) == dict.fromkeys(names, "Success")
     finally:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)
         (repo / "params.yaml").write_text(original)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from fixtures import tiny_project
-from helpers import merged, ran_stages, sh
+from helpers import merged, ran_stages, sh, start_queue, wait_for_queue
 
 from cifarcnn.teamstack import Stack, _alive, _write_internal_certs
 
@@ -302,18 +302,6 @@ def test_ports_stay_the_same_across_starts_while_free(tmp_path, capsys):
            "remote`" in capsys.readouterr().err
 
 
-def _queue_status(repo: Path, env: dict) -> str:
-    """`dvc queue status`, asked again when DVC trips over a worker's half-written info file
-    (`ERROR: unexpected error - Expecting value: line 1 column 1`), a race inside DVC's queue."""
-    for _ in range(5):
-        proc = subprocess.run(["dvc", "queue", "status"], cwd=repo, env=env, capture_output=True, text=True)
-        if proc.returncode == 0:
-            return proc.stdout + proc.stderr
-        assert "Expecting value" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-        time.sleep(1)
-    raise AssertionError(f"dvc queue status failed 5 times: {proc.stdout + proc.stderr}")
-
-
 def _restart_when(stack: Stack, service: str, ready, record: dict) -> threading.Thread:
     """Restart ``service`` once ``ready()`` holds (polled); notes when and how long it was away."""
     def watch():
@@ -439,8 +427,9 @@ def test_queued_sweep_runs_two_at_once_through_a_database_restart(team, tmp_path
     stack, repo, env = team
     before = {r.info.run_id for r in experiment_runs()}
     rates = ["0.004", "0.005", "0.006"]
-    for lr in rates:
-        sh(["dvc", "exp", "run", "--queue", "-S", f"lr={lr}"], repo, env)
+    names = [f"sweep_{i}" for i in range(len(rates))]
+    for lr, name in zip(rates, names):
+        sh(["dvc", "exp", "run", "--queue", "-S", f"lr={lr}", "--name", name], repo, env)
     restart: dict = {}
 
     def sweep_training() -> bool:
@@ -449,17 +438,9 @@ def test_queued_sweep_runs_two_at_once_through_a_database_restart(team, tmp_path
 
     watcher = _restart_when(stack, "postgres", sweep_training, restart)
     started = time.monotonic()
-    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=True, timeout=120)  # its workers outlive it
+    start_queue(repo, env, jobs=2)
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            status = _queue_status(repo, env)
-            if status.count("Success") + status.count("Failed") >= 3 and "0 active" in status:
-                break
-            assert time.monotonic() < deadline, status
-            time.sleep(3)
-        assert status.count("Success") == 3, status
+        assert wait_for_queue(repo, env, names) == dict.fromkeys(names, "Success")
     finally:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)
     MEASURED["sweep_s"] = round(time.monotonic() - started, 1)

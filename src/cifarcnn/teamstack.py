@@ -174,15 +174,29 @@ def _tls_settings() -> dict | None:
     return {what: str(path.resolve()) for what, path in paths.items()}
 
 
-def _http_status(url: str, ca: str | None = None) -> int:
+def _open(url: str, ca: str | None = None, auth: tuple[str, str] | None = None, timeout: float = 5):
+    """urlopen with the team's CA (for its own certificate) and, if given, basic auth."""
+    import base64
     import ssl
 
-    context = ssl.create_default_context(cafile=ca) if ca else None  # the team's CA for its own certificate
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    context = ssl.create_default_context(cafile=ca) if ca else None
+    return urllib.request.urlopen(request, timeout=timeout, context=context)
+
+
+def _http_status(url: str, ca: str | None = None) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=5, context=context) as r:
+        with _open(url, ca) as r:
             return r.status
     except urllib.error.HTTPError as err:
         return err.code
+
+
+def _get_json(url: str, ca: str | None, auth: tuple[str, str]) -> dict:
+    with _open(url, ca, auth, timeout=30) as response:
+        return json.loads(response.read())
 
 
 class Stack:
@@ -579,16 +593,9 @@ class Users:
             raise UserError(f"user {name!r} was not removed: {str(err).splitlines()[0][:200]}") from err
 
     def list(self) -> list[dict]:
-        import base64
-
-        request = urllib.request.Request(f"{self.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/users/list")
-        token = base64.b64encode(f"{self.env['MLFLOW_TRACKING_USERNAME']}:{self.env['MLFLOW_TRACKING_PASSWORD']}".encode())
-        request.add_header("Authorization", f"Basic {token.decode()}")
-        import ssl
-
-        ca = self.stack.ca_bundle()
-        with urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cafile=ca) if ca else None) as response:
-            return json.loads(response.read()).get("users", [])
+        auth = (self.env["MLFLOW_TRACKING_USERNAME"], self.env["MLFLOW_TRACKING_PASSWORD"])
+        return _get_json(f"{self.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/users/list", self.stack.ca_bundle(),
+                         auth).get("users", [])
 
 
 def _kill_group(pid: int, timeout: float = 5) -> None:
