@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import ROOT, tiny_dataset, tiny_params, tiny_run, training_runs, write_params
 from mlflow.tracking import MlflowClient
@@ -324,3 +325,108 @@ def test_truncated_metrics_file_is_named(tmp_path):
     message = str(err.value)
     assert message.startswith(f"{folder / 'train.json'} is not valid JSON (") and "\n" not in message
     assert f"`dvc checkout {folder / 'train.json'}` restores it" in message
+
+
+# --- bad inputs through `dvc repro`, as a user meets them -----------------------------------
+
+@pytest.fixture(scope="module")
+def bare_project(tmp_path_factory):
+    """The tiny project (task2 only), nothing run yet: each case edits params.yaml, runs the
+    `dvc repro` target that reads it, and puts params.yaml back."""
+    from fixtures import tiny_project
+
+    work = tmp_path_factory.mktemp("bare")
+    with tiny_project(work, runs=["task2"]) as (repo, env):
+        yield work, repo, env
+
+
+def _image_folder(work: Path, case: str) -> Path:
+    import shutil
+
+    from fixtures import write_image_folder
+    from PIL import Image
+
+    folder = work / case
+    shutil.rmtree(folder, ignore_errors=True)
+    write_image_folder(folder, n_train=40, n_test=20)
+    if case == "nine_classes":  # a class present only in test/
+        shutil.rmtree(folder / "train" / "truck")
+    elif case == "eleven_classes":
+        shutil.copytree(folder / "test" / "cat", folder / "test" / "zebra")
+    elif case == "webp":
+        Image.new("RGB", (32, 32)).save(folder / "train" / "cat" / "extra.webp")
+    elif case == "sixteen_bit":  # every image a 16-bit grey PNG of 122 * 256 + 200
+        for path in folder.rglob("*.png"):
+            Image.fromarray(np.full((32, 32), 122 * 256 + 200, np.uint16)).save(path)
+    return folder
+
+
+BAD_PARAMS = {  # case: (line of params.yaml to change, its new value, dvc repro target, the one line expected)
+    "seeds_empty": (r"seeds", "[]", "configure", "ERROR: failed to parse 'stages.visualize.cmd' in 'dvc.yaml': "
+                    "Could not find 'train.seeds.0'"),
+    "seed_too_large": (r"seeds", "[0, 4294967296]", "configure",
+                       "error: train.seeds[1]: must be < 4294967296, got 4294967296"),
+    "name_with_space": (r"  task2", None, "configure", "error: runs.task 2: a run's name must be lowercase letters, "
+                        "digits and _ (it names DVC stages, folders and MLflow runs); rename it"),
+    "name_with_slash": (r"  task2", None, "configure", "error: runs.a/b: a run's name must be lowercase letters, "
+                        "digits and _ (it names DVC stages, folders and MLflow runs); rename it"),
+    "nine_classes": ("source", "FOLDER", "download", "error: FOLDER/train: expected the ten CIFAR-10 class folders "
+                     "(airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck); missing: truck"),
+    "eleven_classes": ("source", "FOLDER", "download", "error: FOLDER/test: expected the ten CIFAR-10 class "
+                       "folders (airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck); not a "
+                       "CIFAR-10 class: zebra"),
+    "webp": ("source", "FOLDER", "download", "error: FOLDER/train/cat/extra.webp: not a .bmp/.jpeg/.jpg/.png image; "
+             "convert or remove it (a file skipped silently would change the data without a word)"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_PARAMS, "sixteen_bit"])
+def test_bad_inputs_under_dvc_repro_end_in_one_line(bare_project, case):
+    """Issue 18's bad inputs as `dvc repro` meets them: the stage that reads the input fails in
+    one line (DVC's own for an empty seed list, which it meets parsing dvc.yaml), no traceback,
+    nothing written, dvc.lock as it was. A 16-bit PNG folder is read as its colours."""
+    import re
+
+    from helpers import sh
+
+    work, repo, env = bare_project
+    params = repo / "params.yaml"
+    original = params.read_text()
+
+    def locked(stage: str):
+        import yaml
+
+        lock = repo / "dvc.lock"
+        return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage) if lock.exists() else None
+
+    text = original
+    folder = _image_folder(work, case) if case in ("nine_classes", "eleven_classes", "webp", "sixteen_bit") else None
+    if folder is not None:  # a local image folder: no md5, every image
+        for key, value in (("source", str(folder)), ("md5", "null"), ("subset", "null")):
+            text, n = re.subn(rf"(?m)^(\s*{key}:) \S+", rf"\g<1> {value}", text, count=1)
+            assert n == 1, key
+    if case in BAD_PARAMS:
+        key, value, target, expected = BAD_PARAMS[case]
+        if key == "seeds":
+            text, n = re.subn(r"(?m)^(\s*seeds:) \S.*$", rf"\g<1> {value}", text, count=1)
+            assert n == 1
+        elif key == "  task2":
+            text = text.replace("\n  task2:", "\n  task 2:" if case == "name_with_space" else "\n  a/b:", 1)
+    try:
+        params.write_text(text)
+        if case == "sixteen_bit":
+            sh(["dvc", "repro", "download"], repo, env)
+            x = np.load(repo / "data" / "cifar10.npz")["train_x"]
+            assert x.shape[0] == 40 and (x == 122).all(), np.unique(x)[:5]  # not 255, almost white
+            return
+        before = locked(target)
+        out = sh(["dvc", "repro", target], repo, env, ok=False)
+        expected = expected.replace("FOLDER", str(folder))
+        ours = [line for line in out.splitlines() if line.startswith(("error:", "ERROR:"))]
+        assert ours[0] == expected, out
+        assert len(ours) == 1 or ours[1].startswith(f"ERROR: failed to reproduce '{target}'"), out
+        assert "Traceback" not in out
+        assert locked(target) == before
+        assert not (repo / "data" / "cifar10.npz").exists() and not (repo / "configs").exists()
+    finally:
+        params.write_text(original)

@@ -518,6 +518,29 @@ def test_visualize_refuses_a_checkpoint_that_is_not_the_one_trained(project):
     assert "up to date" in sh(["dvc", "status", "visualize"], repo, env) and figure.read_bytes() == drawn
 
 
+def test_report_names_a_truncated_metrics_file(project):
+    """task2's train.json cut in half: `dvc repro -s report` ends in one line naming the file and
+    the command that restores it; once restored, the report comes back from DVC's cache without
+    being rebuilt, and nothing is stale."""
+    repo, env, _ = project
+    metrics = repo / "results" / "task2" / "seed0" / "train.json"
+    report = repo / "reports" / "report.md"
+    original, written = metrics.read_bytes(), report.read_bytes()
+    metrics.write_bytes(original[: len(original) // 2])
+    try:
+        out = sh(["dvc", "repro", "-s", "report"], repo, env, ok=False)
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in out, out
+        assert errors[0].startswith("error: results/task2/seed0/train.json is not valid JSON (") and \
+            "`dvc checkout results/task2/seed0/train.json` restores it" in errors[0], errors
+    finally:
+        sh(["dvc", "checkout", "results/task2/seed0/train.json"], repo, env)
+    assert metrics.read_bytes() == original
+    again = sh(["dvc", "repro", "-s", "report"], repo, env)
+    assert ran_stages(again) == [] and report.read_bytes() == written, again
+    assert up_to_date(sh(["dvc", "status", "report"], repo, env))
+
+
 def mlflow_runs(repo: Path) -> list:
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     return client.search_runs([client.get_experiment_by_name("cifar10-cnn-report").experiment_id])
@@ -746,4 +769,53 @@ def test_failed_run_then_fixed_brings_results_back_without_training(project):
     assert "train@task2-0" not in ran_stages(restored), restored
     assert (repo / "results" / "task2" / "seed0" / "train.json").read_text() == before
     assert len(mlflow_runs(repo)) == runs_before
+    assert up_to_date(sh(["dvc", "status"], repo, env))
+
+
+def test_store_deleted_damaged_or_moved_under_dvc_repro(project, tmp_path):
+    """The MLflow store as `dvc repro` meets it: deleted while results name its runs, damaged, or
+    left behind by a moved checkout. Each ends the stage in one line that says what to do; no new
+    store is made and nothing is written into the old path; once mended, `dvc repro` brings
+    everything back."""
+    repo, env, _ = project
+    db, aside, target = repo / "mlflow.db", tmp_path / "mlflow.db", "evaluate@task2-0"
+    kept_eval = (repo / "results" / "task2" / "seed0" / "eval.json").read_bytes()
+
+    def one_error(cwd: Path) -> str:
+        out = sh(["dvc", "repro", "-f", "-s", target], cwd, env, ok=False)
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in out, out
+        return errors[0]
+
+    shutil.move(db, aside)
+    try:
+        line = one_error(repo)
+        assert line.startswith(f"error: {db} is missing, but ") and "set CIFARCNN_NEW_STORE=1 to start a new store" in line
+        assert not db.exists()  # no new, empty store beside results that name the old one's runs
+        db.write_bytes(b"not a database " * 1000)
+        line = one_error(repo)
+        assert line.startswith(f"error: MLflow store {db} is not a usable database (") and \
+            line.endswith(f"move it aside (mv {db} {db}.broken), then put back a backup, or set CIFARCNN_NEW_STORE=1 "
+                          "to start a new store"), line
+    finally:
+        shutil.move(aside, db)
+    restored = sh(["dvc", "repro", target], repo, env)
+    assert ran_stages(restored) == [] and (repo / "results" / "task2" / "seed0" / "eval.json").read_bytes() == kept_eval
+
+    moved = tmp_path / "moved"
+    shutil.move(repo, moved)
+    try:
+        line = one_error(moved)
+        assert line == (f"error: experiment 'cifar10-cnn-report' in {moved / 'mlflow.db'} keeps its artifacts in "
+                        f"{(repo / 'mlartifacts').as_uri()}, not in this checkout's {(moved / 'mlartifacts').as_uri()}: "
+                        "the checkout was moved (or mlflow.db copied). Run `python -m cifarcnn.rebind` here to point "
+                        f"the store at {(moved / 'mlartifacts').as_uri()}, or move the checkout back"), line
+        assert not repo.exists()  # nothing written into the old path
+        assert f"-> {(moved / 'mlartifacts').as_uri()}" in sh([sys.executable, "-m", "cifarcnn.rebind"], moved, env)
+        sh(["dvc", "repro", "-f", "-s", target], moved, env)  # logs again, into this checkout
+        assert not repo.exists()
+    finally:
+        shutil.move(moved, repo)
+    sh([sys.executable, "-m", "cifarcnn.rebind"], repo, env)  # and back for the tests after this one
+    sh(["dvc", "repro"], repo, env)
     assert up_to_date(sh(["dvc", "status"], repo, env))

@@ -23,7 +23,7 @@ import pytest
 from fixtures import tiny_project
 from helpers import merged, ran_stages, sh, start_queue, wait_for_queue
 
-from cifarcnn.teamstack import Stack, _alive, _write_internal_certs
+from cifarcnn.teamstack import Stack, _alive, _holders, _port_free, _write_internal_certs
 
 pytestmark = pytest.mark.smoke
 EXPERIMENT = "cifar10-cnn-report"
@@ -283,23 +283,44 @@ def test_dvc_remote_keys_go_to_config_local_even_when_they_look_like_options(tmp
         "AK#%@:/x"
 
 
-def test_ports_stay_the_same_across_starts_while_free(tmp_path, capsys):
+def test_ports_stay_the_same_across_starts_and_a_taken_one_is_an_error(tmp_path, monkeypatch):
     """The DVC remote's committed endpointurl and clients' MLFLOW_TRACKING_URI must survive a
-    restart: the ports of the last start are taken again; a taken one is replaced, with a line."""
-    import socket
+    restart: the ports of the first start are kept. One that someone else holds stops `start` in
+    one line naming the port, its holder and the setting to change; nothing is started or moved.
+    TEAM_PORT_<NAME> moves it, and the new port is kept."""
+    import cifarcnn.teamstack as teamstack
 
     stack = Stack(tmp_path / ".team")
     stack.dir.mkdir()
     first = stack._ports()
     assert stack._ports() == first and len(set(first.values())) == len(first)
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", first["s3"]))
-        squatter.listen()
-        third = stack._ports()
-    assert third["s3"] != first["s3"] and {k: v for k, v in third.items() if k != "s3"} == \
-        {k: v for k, v in first.items() if k != "s3"}
-    assert f"team stack: port {first['s3']} (s3) is taken; using {third['s3']}; run `python -m cifarcnn.teamstack " \
-           "remote`" in capsys.readouterr().err
+    squatter = subprocess.Popen(
+        [sys.executable, "-c", "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])));"
+         " s.listen(); print('up', flush=True); time.sleep(300)", str(first["s3"])],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert squatter.stdout.readline().strip() == "up"
+        monkeypatch.setenv("TEAM_STACK_DIR", str(stack.dir))
+        cli = subprocess.run([sys.executable, "-m", "cifarcnn.teamstack", "start"], capture_output=True, text=True,
+                             timeout=120)
+        assert cli.returncode != 0
+        [line] = cli.stderr.strip().splitlines()
+        assert f"port {first['s3']} (s3) is taken by pid {squatter.pid} ({sys.executable} -c import socket" in line, line
+        assert "set TEAM_PORT_S3 to a free port (then `python -m cifarcnn.teamstack remote` in each checkout)" in line
+        assert not stack.state_file.exists() and not (stack.dir / "logs").exists()  # nothing started
+        assert json.loads((stack.dir / "ports.json").read_text()) == first  # nothing moved
+        moved = teamstack.free_port()
+        monkeypatch.setenv("TEAM_PORT_S3", str(moved))
+        assert stack._ports() == {**first, "s3": moved}
+        monkeypatch.delenv("TEAM_PORT_S3")
+        assert stack._ports() == {**first, "s3": moved}  # kept for the next start
+        monkeypatch.setenv("TEAM_PORT_MLFLOW", str(moved))
+        with pytest.raises(teamstack.UserError, match=f"port {moved} is set for both mlflow and s3|"
+                                                      f"port {moved} is set for both s3 and mlflow"):
+            stack._ports()
+    finally:
+        squatter.kill()
+        squatter.wait()
 
 
 def _restart_when(stack: Stack, service: str, ready, record: dict) -> threading.Thread:
@@ -494,3 +515,16 @@ def test_start_after_a_crash_cleans_up_and_starts(team):
         assert stack.running(), service
         assert after["ports"] == before["ports"] and after["mlflow_uri"] == before["mlflow_uri"], service
         assert all(stack.service_alive(name) for name in stack.services()), service
+
+    # stack.json lost (the PIDs with it): `stop` finds every process by what it holds (PostgreSQL's
+    # data folder, weed's leveldb lock, the logs it writes), and `start` comes up on the same ports.
+    before = stack.state()
+    stack.state_file.unlink()
+    stop = subprocess.run([sys.executable, "-m", "cifarcnn.teamstack", "stop", "--dir", str(stack.dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    assert "team stack: stopping pid" in stop.stderr and "which still held a file under" in stop.stderr, stop.stderr
+    assert not _holders(stack.dir) and not [pid for pid in before["pids"].values() if _alive(pid)]
+    assert all(_port_free(stack.host, port) for port in before["ports"].values())
+    after = stack.start()
+    assert stack.running() and after["ports"] == before["ports"]

@@ -27,7 +27,9 @@ Secrets (the database password, the S3 keys, the MLflow admin password) come fro
 environment when set (``TEAM_PG_PASSWORD``, ``TEAM_S3_ACCESS_KEY``, ``TEAM_S3_SECRET_KEY``,
 ``TEAM_MLFLOW_PASSWORD``), else they are generated once into ``<dir>/secrets.env`` (mode 600;
 ``.team/`` is git-ignored). They never go into git, params or MLflow tags. The state (ports,
-PIDs) is ``<dir>/stack.json``; ``stop`` ends every process it started, by PID.
+PIDs) is ``<dir>/stack.json``; the ports, kept from the first start, ``<dir>/ports.json``
+(``TEAM_PORT_<NAME>`` sets one). ``stop`` ends every process it started, by PID, and any
+process still writing a file under ``<dir>``.
 """
 from __future__ import annotations
 
@@ -115,6 +117,56 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def _listeners(port: int) -> set[int]:
+    """The socket inodes listening on ``port`` (TCP, IPv4 and IPv6), from /proc/net."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cells = line.split()
+            if cells[3] == "0A" and int(cells[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(int(cells[9]))
+    return inodes
+
+
+def _writing(fdinfo: Path) -> bool:
+    """Whether the descriptor is open for writing (O_WRONLY or O_RDWR): a reader such as
+    `tail -f` on a log is no part of the stack."""
+    for line in fdinfo.read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8) & 3 != 0
+    return False
+
+
+def _holders(folder: Path | None = None, port: int | None = None) -> dict[int, str]:
+    """{pid: command line} of the processes holding a file under ``folder`` open for writing
+    (a data folder's files and lock, a log as stdout) or listening on ``port``; this process
+    excluded. Processes of other users are invisible unless run as root."""
+    sockets = {f"socket:[{inode}]" for inode in _listeners(port)} if port else set()
+    prefix = f"{Path(folder).resolve()}/" if folder else None
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target in sockets or (prefix and target.startswith(prefix) and _writing(proc / "fdinfo" / fd.name)):
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    found[int(proc.name)] = cmd[:120]
+                    break
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def _port_env(name: str) -> str:
+    return f"TEAM_PORT_{name.upper()}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -311,9 +363,9 @@ class Stack:
                             f"{run / 'postgres.log'}")
 
     def _spawn(self, name: str, args: list[str], env: dict | None = None, cwd: Path | None = None) -> int:
-        log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True, cwd=cwd)  # its own process group: stopped as one
+        with open(self.dir / "logs" / f"{name}.log", "ab") as log:  # the child keeps its copy; ours is closed,
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,  # or `stop` would take us for a service
+                                    env={**os.environ, **(env or {})}, start_new_session=True, cwd=cwd)
         return proc.pid
 
     def _seaweed_security(self) -> Path:
@@ -413,17 +465,17 @@ class Stack:
     # --- commands ---------------------------------------------------------------------
     def start(self) -> dict:
         """Start every service (a running stack is left as it is); returns the state."""
-        if self.state_file.exists():
-            if self.running():
-                return self.state()
-            # A stack that died uncleanly (kill -9, a reboot): what is left of it (a PostgreSQL
-            # still holding its data folder, a `weed` holding its leveldb lock) would make this
-            # start fail; stop what stack.json records first.
+        if self.running():
+            return self.state()
+        if self.state_file.exists() or (self.dir.exists() and _holders(self.dir)):
+            # A stack that died uncleanly (kill -9, a reboot, a lost stack.json): what is left of
+            # it (a PostgreSQL holding its data folder, a `weed` holding its leveldb lock and its
+            # ports) would make this start fail; stop it first.
             print("team stack: the last one did not stop cleanly; stopping what is left of it", file=sys.stderr)
             self.stop()
         keys = self.secrets()
+        ports = self._ports()  # a port someone else holds ends here, before anything is started
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-        ports = self._ports()
         scheme = "https" if self.tls else "http"
         state = {"host": self.host, "ports": ports, "pids": {}, "seconds": {}, "tls": self.tls,
                  "mlflow_uri": f"{scheme}://{self.host}:{ports['mlflow']}", "s3_url": f"{scheme}://{self.host}:{ports['s3']}"}
@@ -440,29 +492,38 @@ class Stack:
         return state
 
     def _ports(self) -> dict[str, int]:
-        """The ports of the last start where they are still free (so the DVC remote's committed
-        endpointurl and every client's MLFLOW_TRACKING_URI stay valid across restarts), new free
-        ones otherwise, with a line saying so. Kept in ports.json, which `stop` leaves."""
+        """The ports of the last start (kept in ports.json, which `stop` leaves), so the DVC
+        remote's committed endpointurl and every client's MLFLOW_TRACKING_URI stay valid across
+        restarts; free ones at the first start. TEAM_PORT_<NAME> (e.g. TEAM_PORT_S3) sets one.
+        A port someone else holds is an error that names it and its setting: moving it silently
+        would strand every client."""
         saved_file = self.dir / "ports.json"
         saved = json.loads(saved_file.read_text()) if saved_file.exists() else {}
         ports: dict[str, int] = {}
         for name in PORT_NAMES:
-            want = saved.get(name)
-            deadline = time.monotonic() + PORT_WAIT_S  # a service stopped a moment ago may still hold it
-            while want and not _port_free(self.host, want) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if want and want not in ports.values() and _port_free(self.host, want):
-                ports[name] = want
-                continue
-            port = free_port(self.host)
-            while port in ports.values():
+            setting = _port_env(name)
+            try:
+                want = int(os.environ[setting]) if os.environ.get(setting) else saved.get(name)
+            except ValueError:
+                raise UserError(f"{setting}={os.environ[setting]!r} is not a port number") from None
+            if not want:
                 port = free_port(self.host)
-            ports[name] = port
-            if want:
-                print(f"team stack: port {want} ({name}) is taken; using {port}" +
-                      ("; run `python -m cifarcnn.teamstack remote` in each checkout so DVC's endpointurl follows"
-                       if name == "s3" else "; clients take the new MLFLOW_TRACKING_URI from "
-                       "`python -m cifarcnn.teamstack env`" if name == "mlflow" else ""), file=sys.stderr)
+                while port in ports.values():
+                    port = free_port(self.host)
+                ports[name] = port
+                continue
+            if want in ports.values():
+                raise UserError(f"port {want} is set for both {name} and "
+                                f"{next(k for k, v in ports.items() if v == want)}; give {setting} another one")
+            deadline = time.monotonic() + PORT_WAIT_S  # a service stopped a moment ago may still hold it
+            while not _port_free(self.host, want) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not _port_free(self.host, want):
+                holders = _holders(port=want)
+                by = ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders.items()) or "another process"
+                raise UserError(f"port {want} ({name}) is taken by {by}; stop it, or set {setting} to a free port "
+                                f"(then {'`python -m cifarcnn.teamstack remote` in each checkout' if name == 's3' else 'clients re-run `python -m cifarcnn.teamstack env`' if name == 'mlflow' else 'nothing else changes'})")
+            ports[name] = want
         saved_file.write_text(json.dumps(ports, indent=2) + "\n")
         return ports
 
@@ -488,13 +549,22 @@ class Stack:
         return time.monotonic() - started
 
     def stop(self) -> None:
-        if not self.state_file.exists():
-            return
-        for name in reversed(self.services()):
-            try:
-                self.stop_service(name)
-            except Exception as err:  # noqa: BLE001 - stop the others anyway
-                print(f"stopping {name}: {err}", file=sys.stderr)
+        """Stop every process of the stack, whatever state it is in: by the PIDs stack.json
+        records, then any process still holding a file under the stack's folder (PostgreSQL's
+        data folder, weed's leveldb lock, a log as its stdout), e.g. an orphan of a crashed
+        start whose PID was never recorded."""
+        if self.state_file.exists():
+            for name in reversed(self.services()):
+                try:
+                    self.stop_service(name)
+                except Exception as err:  # noqa: BLE001 - stop the others anyway
+                    print(f"stopping {name}: {err}", file=sys.stderr)
+        elif "postgres" in self.services() and self.service_alive("postgres", {}):
+            self._pg_ctl("stop", {})  # its data folder's postmaster.pid names it: a clean shutdown first
+        left = _holders(self.dir) if self.dir.exists() else {}
+        for pid, cmd in left.items():
+            print(f"team stack: stopping pid {pid} ({cmd}), which still held a file under {self.dir}", file=sys.stderr)
+            _kill_group(pid) if _own_group(pid) else _kill(pid)
         self.state_file.unlink(missing_ok=True)
 
     def services(self) -> tuple[str, ...]:
@@ -596,6 +666,28 @@ class Users:
         auth = (self.env["MLFLOW_TRACKING_USERNAME"], self.env["MLFLOW_TRACKING_PASSWORD"])
         return _get_json(f"{self.env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/users/list", self.stack.ca_bundle(),
                          auth).get("users", [])
+
+
+def _own_group(pid: int) -> bool:
+    """Whether ``pid`` leads its own process group (every service is spawned so)."""
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def _kill(pid: int, timeout: float = 5) -> None:
+    """SIGTERM to one process, SIGKILL after ``timeout`` s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.1)
 
 
 def _kill_group(pid: int, timeout: float = 5) -> None:
