@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install -e '.[test,team]'
+	$(VENV)/bin/python -m pip install -e '.[test,team,sweep]'
 	touch $@
 
 install: $(VENV)/.installed

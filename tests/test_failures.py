@@ -324,7 +324,7 @@ def test_truncated_metrics_file_is_named(tmp_path):
         load_results(tmp_path, ["task2"], [0])
     message = str(err.value)
     assert message.startswith(f"{folder / 'train.json'} is not valid JSON (") and "\n" not in message
-    assert f"`dvc checkout {folder / 'train.json'}` restores it" in message
+    assert f"`dvc checkout --force {folder / 'train.json'}` restores it" in message
 
 
 # --- bad inputs through `dvc repro`, as a user meets them -----------------------------------

@@ -532,9 +532,9 @@ def test_report_names_a_truncated_metrics_file(project):
         errors = [line for line in out.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "Traceback" not in out, out
         assert errors[0].startswith("error: results/task2/seed0/train.json is not valid JSON (") and \
-            "`dvc checkout results/task2/seed0/train.json` restores it" in errors[0], errors
+            "`dvc checkout --force results/task2/seed0/train.json` restores it" in errors[0], errors
     finally:
-        sh(["dvc", "checkout", "results/task2/seed0/train.json"], repo, env)
+        sh(["dvc", "checkout", "--force", "results/task2/seed0/train.json"], repo, env)
     assert metrics.read_bytes() == original
     again = sh(["dvc", "repro", "-s", "report"], repo, env)
     assert ran_stages(again) == [] and report.read_bytes() == written, again
@@ -819,3 +819,42 @@ def test_store_deleted_damaged_or_moved_under_dvc_repro(project, tmp_path):
     sh([sys.executable, "-m", "cifarcnn.rebind"], repo, env)  # and back for the tests after this one
     sh(["dvc", "repro"], repo, env)
     assert up_to_date(sh(["dvc", "status"], repo, env))
+
+
+def test_sweep_runs_each_point_as_a_ray_trial(project):
+    """The README's sweep on the embedded local Ray: `python -m cifarcnn.sweep -S lr=A,B --seeds
+    0,1` is 2 lr x 2 seeds = 4 DVC experiments, each trained in its own clone as a Ray task and
+    pushed back here: `dvc exp show` lists them with their lr and seed, MLflow holds their 4
+    FINISHED seed runs nested under the sweep's parent run, and the table names the best point
+    by mean validation accuracy. Runs last: it commits the workspace (a sweep clones a commit)."""
+    import csv
+    import io
+
+    repo, env, _ = project
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "the pipeline as run"], repo, env)
+    before = {r.info.run_id for r in mlflow_runs(repo)}
+    rates = ["0.0011", "0.0013"]
+    out = sh([sys.executable, "-m", "cifarcnn.sweep", "-S", f"lr={','.join(rates)}", "--seeds", "0,1"], repo, env,
+             timeout=1800)
+    names = {f"lr{lr}-seed{seed}": (lr, seed) for lr in rates for seed in (0, 1)}
+    assert re.search(r"best: lr=0\.001[13] \(mean val acc 0\.\d{4}, test acc 0\.\d{4}, n=2\); 4 of 4 trials", out), out
+    shown = sh(["dvc", "exp", "show", "--no-pager", "--csv", "--drop", ".*", "--keep", "Experiment|^lr$|^train.seeds$"],
+               repo, env)
+    rows = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(shown)) if row["Experiment"] in names}
+    assert set(rows) == set(names), shown
+    for name, (lr, seed) in names.items():
+        assert float(rows[name]["lr"]) == float(lr) and rows[name]["train.seeds"] == f"[{seed}]", rows[name]
+    new = [r for r in mlflow_runs(repo) if r.info.run_id not in before]
+    [parent] = [r for r in new if r.data.tags.get("sweep")]
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.lr"] == ",".join(rates)
+    trained = [r for r in new if r.data.tags.get("dvc_stage", "").startswith("train@task3e-")]
+    assert sorted(r.data.tags["dvc_exp_name"] for r in trained) == sorted(names)
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for run in trained:
+        lr, seed = names[run.data.tags["dvc_exp_name"]]
+        assert run.info.status == "FINISHED" and float(run.data.params["lr"]) == float(lr), run.data.params
+        assert run.data.tags["dvc_stage"] == f"train@task3e-{seed}"
+        seeds_parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+        assert seeds_parent.data.tags["mlflow.parentRunId"] == parent.info.run_id  # nested under the sweep
+    assert not [r for r in new if r.info.status == "RUNNING"]

@@ -55,7 +55,8 @@ def read_json(path: str | os.PathLike) -> dict:
         raise UserError(f"{path} does not exist; run `dvc repro` (or `dvc checkout {path}`) to bring it back") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({str(err).splitlines()[0]}); it is damaged: "
-                        f"`dvc checkout {path}` restores it, or `dvc repro -f` the stage that writes it") from None
+                        f"`dvc checkout --force {path}` restores it (plain checkout refuses a changed file), or `dvc repro -f` "
+                        "the stage that writes it") from None
 
 
 @contextlib.contextmanager
