@@ -96,20 +96,21 @@ def test_disk_full_during_training_is_one_line_and_a_failed_run(store):
 
 
 LOCKER = """
-import sqlite3, sys, time
+import select, sqlite3, sys, time
 db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=60)
 db.execute("BEGIN EXCLUSIVE")
 print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
+select.select([sys.stdin], [], [], float(sys.argv[2]))  # until told to let go (a line), at most argv[2] s
 print(time.monotonic(), flush=True)  # the moment the lock goes (a system-wide clock)
 db.execute("COMMIT")
 """
 
 
 def test_busy_store_does_not_stop_training(store, monkeypatch):
-    """Another process holds mlflow.db's write lock from just after the run starts until after
-    training ends (longer than a validation interval): training goes on, the metrics are
-    written once the lock is gone, nothing twice."""
+    """Another process holds mlflow.db's write lock from just after the run starts until training
+    ends (told so then; at most 60 s, so a training held up by the lock ends after the lock goes
+    and fails the test): training goes on, the metrics are written once the lock is gone,
+    nothing twice."""
     monkeypatch.setattr(tracking, "FINAL_WAIT_S", 90.0)
     cfg = tiny_run("task2", batch_size=16, evals_per_epoch=2, epochs=3)
     lockers = []
@@ -117,8 +118,8 @@ def test_busy_store_does_not_stop_training(store, monkeypatch):
 
     def log_params_then_lock(self, params):
         real_log_params(self, params)
-        locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(store / "mlflow.db"), "12"],
-                                  stdout=subprocess.PIPE, text=True)
+        locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(store / "mlflow.db"), "60"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert locker.stdout.readline().strip() == "locked"
         lockers.append((locker, time.monotonic()))
 
@@ -128,6 +129,8 @@ def test_busy_store_does_not_stop_training(store, monkeypatch):
     def train_and_note_the_time(*args, **kwargs):
         result = real_train(*args, **kwargs)
         trained_at.append(time.monotonic())
+        lockers[0][0].stdin.write("let go\n")
+        lockers[0][0].stdin.flush()
         return result
 
     monkeypatch.setattr(tracking.MlflowRun, "log_params", log_params_then_lock)
