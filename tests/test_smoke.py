@@ -678,6 +678,45 @@ def test_dvc_stopped_mid_training_marks_the_run_killed_and_resumes_it(project):
         (repo / "params.yaml").write_text(original)
 
 
+def test_killed_then_code_changed_trains_afresh_and_keeps_the_state(project):
+    """kill -9 of task3e's training under `dvc repro`, then an edit to the training code (here the
+    stages import the project copy's own src/, which DVC hashes): `dvc repro` leaves the old
+    resume state alone with one line saying why, marks the killed run KILLED and trains a new
+    run; with the edit undone, the next `dvc repro` resumes the killed run from its state."""
+    repo, env, _ = project
+    env = {**env, "PYTHONPATH": str(repo / "src")}  # the code DVC sees is the code that runs
+    original, code = (repo / "params.yaml").read_text(), (repo / "src" / "cifarcnn" / "training.py").read_text()
+    set_param(repo, "max_epochs", "6")
+    folder = repo / "models" / "task3e" / "seed0"
+    for old in folder.glob("resume-*"):
+        old.unlink()
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    before = {r.info.run_id for r in mlflow_runs(repo)}
+    try:
+        dvc = subprocess.Popen(["dvc", "repro", "train@task3e-0"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        kill_stage_process(repo, "stages/train.py task3e 0", lambda: list(folder.glob("resume-*.pt")))
+        assert dvc.wait(timeout=120) != 0
+        [state] = folder.glob("resume-*.pt")
+        [killed] = [r for r in mlflow_runs(repo) if r.info.run_id not in before and r.info.run_name == "task3e-0"]
+        (repo / "src" / "cifarcnn" / "training.py").write_text(code + "\n# an edit to the training code\n")
+        changed = sh(["dvc", "repro", "train@task3e-0"], repo, env)
+        assert re.search(rf"left {re.escape(str(state))} as it is: it was saved at step \d+ with other data or "
+                         r"training code; it resumes if those come back, or delete it", changed), changed
+        assert "resuming" not in changed and state.exists()
+        assert client.get_run(killed.info.run_id).info.status == "KILLED"
+        fresh = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")
+        assert fresh["mlflow_run_id"] != killed.info.run_id and client.get_run(fresh["mlflow_run_id"]).info.status == "FINISHED"
+        (repo / "src" / "cifarcnn" / "training.py").write_text(code)
+        back = sh(["dvc", "repro", "train@task3e-0"], repo, env)
+        assert re.search(r"resuming task3e from step \d+", back), back
+        assert merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")["mlflow_run_id"] == killed.info.run_id
+        assert not list(folder.glob("resume-*"))
+    finally:
+        (repo / "src" / "cifarcnn" / "training.py").write_text(code)
+        (repo / "params.yaml").write_text(original)
+
+
 def test_killed_queued_experiment_resumes_on_the_next_run(project):
     """`dvc exp run --queue` trains in a temporary copy; the resume state lives in the real
     repository, so a queued run killed mid-way continues in the next run of that experiment
@@ -799,7 +838,7 @@ def test_store_deleted_damaged_or_moved_under_dvc_repro(project, tmp_path):
                           "to start a new store"), line
     finally:
         shutil.move(aside, db)
-    restored = sh(["dvc", "repro", target], repo, env)
+    restored = sh(["dvc", "repro", "-s", target], repo, env)
     assert ran_stages(restored) == [] and (repo / "results" / "task2" / "seed0" / "eval.json").read_bytes() == kept_eval
 
     moved = tmp_path / "moved"
