@@ -51,7 +51,7 @@ from .config import load_params, run_names
 from .errors import UserError, cli
 from .evaluation import EVAL_METRICS
 from .runfiles import run_dirs
-from .tracking import connect, repo_root, run_user, tracking_uri
+from .tracking import connect, entry_run, repo_root, run_user, tracking_uri
 
 TRIAL_RETRIES = 2  # a trial whose node (or worker) dies is run again elsewhere this often
 SWEEP_TAG = "sweep"  # tag of the sweep's parent run and of every trial's runs (its id)
@@ -239,7 +239,8 @@ def sweep(grid: dict[str, list[str]], seeds: list[int], run: str, address: str |
         parent = client.create_run(exp_id, run_name=f"sweep-{sweep_id}", tags={
             "mlflow.user": run_user(), "mlflow.source.name": "python -m cifarcnn.sweep",
             "mlflow.source.git.commit": source["commit"], SWEEP_TAG: sweep_id,
-            "sweep_grid": json.dumps(grid), "sweep_seeds": json.dumps(seeds), "sweep_run": run})
+            "sweep_grid": json.dumps(grid), "sweep_seeds": json.dumps(seeds), "sweep_run": run,
+            **({"mlflow.parentRunId": entry} if (entry := entry_run(client, exp_id)) else {})})  # `mlflow run -e sweep`
         sweep_run = source["sweep_run"] = parent.info.run_id
         for key, values in grid.items():
             client.log_param(sweep_run, f"sweep.{key}", ",".join(values))
