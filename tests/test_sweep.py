@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from cifarcnn.errors import UserError
-from cifarcnn.sweep import _table, parse_grid, parse_seeds, points
+from cifarcnn.sweep import _table, parse_grid, parse_seeds, points, sweep
 
 
 def test_grid_is_the_cross_product_of_values_and_seeds():
@@ -64,3 +64,14 @@ def test_table_picks_the_best_point_by_mean_validation_accuracy():
     table, best = _table(results, grid)
     assert best == {"params": {"lr": "0.2"}, "val_acc": 0.58, "test_acc": 0.10, "n": 1}  # not by test accuracy
     assert "0: 0.5000/0.9000, 1: 0.6000/0.9000" in table and "1: failed" in table
+
+
+def test_a_cluster_sweep_needs_a_tracking_server(monkeypatch, tmp_path):
+    """Trials on other nodes cannot reach this checkout's sqlite store: refused before anything
+    starts (no Ray, no MLflow run)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    with pytest.raises(UserError, match=rf"--address: trials on other nodes log to MLFLOW_TRACKING_URI, and this "
+                                        rf"checkout logs to sqlite:///{tmp_path}/mlflow\.db, which they cannot reach"):
+        sweep({"lr": ["0.1"]}, [0], "task3e", "127.0.0.1:6379")
+    assert not (tmp_path / "mlflow.db").exists()

@@ -225,6 +225,10 @@ def _table(results: list[dict], grid: dict) -> tuple[str, dict | None]:
 def sweep(grid: dict[str, list[str]], seeds: list[int], run: str, address: str | None,
           progress: bool = True) -> dict:
     """Run every point as a Ray task; returns {"sweep_run", "results", "best", "table", "seconds"}."""
+    if address is not None and not tracking_uri().startswith(("http://", "https://")):
+        raise UserError(f"--address: trials on other nodes log to MLFLOW_TRACKING_URI, and this checkout logs to "
+                        f"{tracking_uri()}, which they cannot reach; point MLFLOW_TRACKING_URI at a server every "
+                        "node reaches (e.g. the team stack's: `eval \"$(python -m cifarcnn.teamstack env)\"`)")
     root = repo_root()
     params = load_params(root / "params.yaml")
     if run not in run_names(params):
