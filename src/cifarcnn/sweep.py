@@ -11,7 +11,7 @@ GPU where the cluster has GPUs, else for one CPU.
 Each trial works in its own clone of the repository at the sweep's commit, runs the experiment
 there with its MLflow runs nested under the sweep's parent run, and pushes the experiment back:
 
-- **embedded** (no ``--address``, the default): a local Ray instance (8 GPUs: 8 trials at once).
+- **embedded** (no ``--address``, the default): a local Ray instance (one trial per GPU at a time).
   The trials clone a git bundle of HEAD, share this checkout's DVC cache and log to this
   checkout's MLflow store; the experiments are pushed into this repository, so ``dvc exp show``
   lists them.
@@ -54,7 +54,7 @@ from .runfiles import run_dirs
 from .tracking import connect, entry_run, repo_root, run_user, tracking_uri
 
 TRIAL_RETRIES = 2  # a trial whose node (or worker) dies is run again elsewhere this often
-SWEEP_TAG = "sweep"  # tag of the sweep's parent run and of every trial's runs (its id)
+SWEEP_TAG = "sweep"  # tag of the sweep's parent run (its id); trials' runs carry DVC's dvc_exp_name
 NAME_ALLOWED = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -146,7 +146,7 @@ def run_trial(point: dict, source: dict) -> dict:
         args = [f"-S{k}={v}" for k, v in point["params"].items()] + [f"-Strain.seeds=[{point['seed']}]"]
         sh("dvc", "exp", "run", "--name", point["name"], *args, *([] if source.get("cache") else ["--pull"]), target)
         sh("dvc", "exp", "push", "-f", *(["--no-cache"] if source.get("cache") else []), source["push_to"], point["name"])
-        models, results = run_dirs(source["run"], point["seed"])
+        _, results = run_dirs(source["run"], point["seed"])
         scores = json.loads((repo / results / "eval.json").read_text())
         return {**point, "eval": {k: scores[k] for k in EVAL_METRICS if k in scores}, "node": ray.util.get_node_ip_address()}
     except Exception as err:  # noqa: BLE001 - a failing point is one line; the others go on

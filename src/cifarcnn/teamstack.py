@@ -165,6 +165,10 @@ def _holders(folder: Path | None = None, port: int | None = None) -> dict[int, s
     return found
 
 
+AFTER_A_PORT_MOVES = {"s3": "`python -m cifarcnn.teamstack remote` in each checkout",  # DVC's endpointurl
+                      "mlflow": "clients re-run `python -m cifarcnn.teamstack env`"}  # MLFLOW_TRACKING_URI
+
+
 def _port_env(name: str) -> str:
     return f"TEAM_PORT_{name.upper()}"
 
@@ -522,7 +526,7 @@ class Stack:
                 holders = _holders(port=want)
                 by = ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders.items()) or "another process"
                 raise UserError(f"port {want} ({name}) is taken by {by}; stop it, or set {setting} to a free port "
-                                f"(then {'`python -m cifarcnn.teamstack remote` in each checkout' if name == 's3' else 'clients re-run `python -m cifarcnn.teamstack env`' if name == 'mlflow' else 'nothing else changes'})")
+                                f"(then {AFTER_A_PORT_MOVES.get(name, 'nothing else changes')})")
             ports[name] = want
         saved_file.write_text(json.dumps(ports, indent=2) + "\n")
         return ports
@@ -539,7 +543,7 @@ class Stack:
         pid = state["pids"].pop(name, None)
         self._save(state)
         if pid:
-            _kill_group(pid)
+            _terminate(pid, group=True)
 
     def restart(self, name: str) -> float:
         """Stop one service and start it again on the same ports and data; the seconds it was away."""
@@ -564,7 +568,7 @@ class Stack:
         left = _holders(self.dir) if self.dir.exists() else {}
         for pid, cmd in left.items():
             print(f"team stack: stopping pid {pid} ({cmd}), which still held a file under {self.dir}", file=sys.stderr)
-            _kill_group(pid) if _own_group(pid) else _kill(pid)
+            _terminate(pid, group=_own_group(pid))
         self.state_file.unlink(missing_ok=True)
 
     def services(self) -> tuple[str, ...]:
@@ -676,45 +680,29 @@ def _own_group(pid: int) -> bool:
         return False
 
 
-def _kill(pid: int, timeout: float = 5) -> None:
-    """SIGTERM to one process, SIGKILL after ``timeout`` s."""
+def _terminate(pid: int, group: bool, timeout: float = 5) -> None:
+    """SIGTERM to ``pid`` (its whole process group with ``group``), SIGKILL after ``timeout`` s
+    (a server waiting on idle keep-alive connections would hold its port for long), and wait
+    until it is gone, and its ports with it, before anything is started again."""
+    def gone() -> bool:
+        if not group:
+            return not _alive(pid)
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.kill(pid, sig)
+            (os.killpg if group else os.kill)(pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            if gone():
                 return
             time.sleep(0.1)
-
-
-def _kill_group(pid: int, timeout: float = 5) -> None:
-    """SIGTERM to the process group, SIGKILL after ``timeout`` s (a server waiting on idle
-    keep-alive connections would hold its port for long)."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout  # gone, and its ports with it, before anything is started again
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
 
 
 @cli
