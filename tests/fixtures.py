@@ -68,6 +68,42 @@ def write_image_folder(root: Path, n_train: int = 40, n_test: int = 20, seed: in
             Image.fromarray(img).save(folder / f"{i:04d}{suffix}")
 
 
+BROKEN_FOLDERS = ("nine_classes", "eleven_classes", "unknown_extension", "sixteen_bit", "wrong_image_size",
+                  "empty_class", "not_an_image")
+
+
+def broken_image_folder(root: Path, case: str) -> Path:
+    """An image-folder tree (write_image_folder) broken one way, as a user's own data might be:
+    a class missing from train/, an eleventh class, a .webp and a .gif, every image a 16-bit grey
+    PNG (of 122 * 256 + 200), a 28x28 image, an empty class folder, a .jpg that is not an image."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    write_image_folder(root)
+    if case == "nine_classes":  # a class present only in test/
+        shutil.rmtree(root / "train" / "truck")
+    elif case == "eleven_classes":
+        shutil.copytree(root / "test" / "cat", root / "test" / "zebra")
+    elif case == "unknown_extension":
+        Image.new("RGB", (32, 32)).save(root / "train" / "cat" / "x.webp")
+        (root / "train" / "cat" / "y.gif").write_bytes(b"GIF8")
+    elif case == "sixteen_bit":
+        for path in root.rglob("*.png"):
+            Image.fromarray(np.full((32, 32), 122 * 256 + 200, np.uint16)).save(path)
+    elif case == "wrong_image_size":
+        Image.new("RGB", (28, 28)).save(root / "train" / "cat" / "odd.png")
+    elif case == "empty_class":
+        for path in (root / "test" / "dog").iterdir():
+            path.unlink()
+    elif case == "not_an_image":
+        (root / "train" / "cat" / "broken.jpg").write_bytes(b"nope")
+    else:
+        raise AssertionError(f"no broken image folder {case!r}: one of {BROKEN_FOLDERS}")
+    return root
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep test output clean
         pass

@@ -5,7 +5,6 @@ import http.server
 import json
 import os
 import pickle
-import shutil
 import re
 import subprocess
 import sys
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import CLASSES, serve_directory, tar_with_member, write_archive, write_image_folder, write_pickle_folder
+from fixtures import (CLASSES, broken_image_folder, serve_directory, tar_with_member, write_archive, write_image_folder,
+                      write_pickle_folder)
 
 from helpers import tiny_params, write_params
 
@@ -192,33 +192,16 @@ def _bad_case(tmp_path: Path, case: str) -> tuple[str, str | None, str]:
         with open(src / "data_batch_2", "wb") as fh:
             pickle.dump({b"data": np.zeros((12, 100), np.uint8), b"labels": [0] * 12}, fh)
         return str(src), None, r"data_batch_2: data has shape \(12, 100\), expected \[N, 3072\]"
-    if case == "wrong_image_size":
-        write_image_folder(src)
-        from PIL import Image
-        Image.new("RGB", (28, 28)).save(src / "train" / "cat" / "odd.png")
-        return str(src), None, r"odd.png: image is 28x28, expected 32x32"
-    if case == "empty_class":
-        write_image_folder(src)
-        for f in (src / "test" / "dog").iterdir():
-            f.unlink()
-        return str(src), None, r"test/dog: empty class folder"
-    if case == "not_an_image":
-        write_image_folder(src)
-        (src / "train" / "cat" / "broken.jpg").write_bytes(b"nope")
-        return str(src), None, r"broken.jpg: not a readable image"
-    if case == "nine_classes":
-        write_image_folder(src)
-        shutil.rmtree(src / "train" / "truck")
-        return str(src), None, r"train: expected the ten CIFAR-10 class folders \(.*\); missing: truck$"
-    if case == "eleven_classes":
-        write_image_folder(src)
-        shutil.copytree(src / "test" / "cat", src / "test" / "zebra")
-        return str(src), None, r"test: expected the ten CIFAR-10 class folders \(.*\); not a CIFAR-10 class: zebra$"
-    if case == "unknown_extension":
-        write_image_folder(src)
-        (src / "train" / "cat" / "x.webp").write_bytes(b"RIFF")
-        (src / "train" / "cat" / "y.gif").write_bytes(b"GIF8")
-        return str(src), None, r"train/cat/x\.webp: not a \.bmp/\.jpeg/\.jpg/\.png image \(and 1 more\); convert or remove it"
+    messages = {
+        "wrong_image_size": r"odd.png: image is 28x28, expected 32x32",
+        "empty_class": r"test/dog: empty class folder",
+        "not_an_image": r"broken.jpg: not a readable image",
+        "nine_classes": r"train: expected the ten CIFAR-10 class folders \(.*\); missing: truck$",
+        "eleven_classes": r"test: expected the ten CIFAR-10 class folders \(.*\); not a CIFAR-10 class: zebra$",
+        "unknown_extension": r"train/cat/x\.webp: not a \.bmp/\.jpeg/\.jpg/\.png image \(and 1 more\); convert or remove it",
+    }
+    if case in messages:
+        return str(broken_image_folder(src, case)), None, messages[case]
     raise AssertionError(case)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures import BROKEN_FOLDERS, broken_image_folder
 from helpers import ROOT, tiny_dataset, tiny_params, tiny_run, training_runs, write_params
 from mlflow.tracking import MlflowClient
 
@@ -343,27 +344,6 @@ def bare_project(tmp_path_factory):
         yield work, repo, env
 
 
-def _image_folder(work: Path, case: str) -> Path:
-    import shutil
-
-    from fixtures import write_image_folder
-    from PIL import Image
-
-    folder = work / case
-    shutil.rmtree(folder, ignore_errors=True)
-    write_image_folder(folder, n_train=40, n_test=20)
-    if case == "nine_classes":  # a class present only in test/
-        shutil.rmtree(folder / "train" / "truck")
-    elif case == "eleven_classes":
-        shutil.copytree(folder / "test" / "cat", folder / "test" / "zebra")
-    elif case == "webp":
-        Image.new("RGB", (32, 32)).save(folder / "train" / "cat" / "extra.webp")
-    elif case == "sixteen_bit":  # every image a 16-bit grey PNG of 122 * 256 + 200
-        for path in folder.rglob("*.png"):
-            Image.fromarray(np.full((32, 32), 122 * 256 + 200, np.uint16)).save(path)
-    return folder
-
-
 BAD_PARAMS = {  # case: (line of params.yaml to change, its new value, dvc repro target, the one line expected)
     "seeds_empty": (r"seeds", "[]", "configure", "ERROR: failed to parse 'stages.visualize.cmd' in 'dvc.yaml': "
                     "Could not find 'train.seeds.0'"),
@@ -378,8 +358,9 @@ BAD_PARAMS = {  # case: (line of params.yaml to change, its new value, dvc repro
     "eleven_classes": ("source", "FOLDER", "download", "error: FOLDER/test: expected the ten CIFAR-10 class "
                        "folders (airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck); not a "
                        "CIFAR-10 class: zebra"),
-    "webp": ("source", "FOLDER", "download", "error: FOLDER/train/cat/extra.webp: not a .bmp/.jpeg/.jpg/.png image; "
-             "convert or remove it (a file skipped silently would change the data without a word)"),
+    "unknown_extension": ("source", "FOLDER", "download", "error: FOLDER/train/cat/x.webp: not a .bmp/.jpeg/.jpg/.png "
+                          "image (and 1 more); convert or remove it (a file skipped silently would change the data "
+                          "without a word)"),
 }
 
 
@@ -403,7 +384,7 @@ def test_bad_inputs_under_dvc_repro_end_in_one_line(bare_project, case):
         return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage) if lock.exists() else None
 
     text = original
-    folder = _image_folder(work, case) if case in ("nine_classes", "eleven_classes", "webp", "sixteen_bit") else None
+    folder = broken_image_folder(work / case, case) if case in BROKEN_FOLDERS else None
     if folder is not None:  # a local image folder: no md5, every image
         for key, value in (("source", str(folder)), ("md5", "null"), ("subset", "null")):
             text, n = re.subn(rf"(?m)^(\s*{key}:) \S+", rf"\g<1> {value}", text, count=1)
