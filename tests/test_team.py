@@ -23,7 +23,7 @@ import pytest
 from fixtures import tiny_project
 from helpers import merged, ran_stages, sh, start_queue, wait_for_queue
 
-from cifarcnn.teamstack import Stack, _alive, _holders, _port_free, _write_internal_certs
+from cifarcnn.teamstack import Stack, _alive, _holders, _port_free, _write_internal_certs, free_port
 
 pytestmark = pytest.mark.smoke
 EXPERIMENT = "cifar10-cnn-report"
@@ -491,6 +491,166 @@ def test_queued_sweep_runs_two_at_once_through_a_database_restart(team, tmp_path
     trust_the_team_ca(mate, stack, env)
     sh(["dvc", "exp", "pull", "origin", name], mate, {**env, **stack.s3_env()})
     assert name in sh(["dvc", "exp", "list", "--name-only"], mate, env)
+
+
+RAY_NODE_ENV = "CIFARCNN_TEST_RAY_NODE"  # marks every process of a test Ray node (they inherit it)
+
+
+def _node_pids(node: str) -> list[int]:
+    """Every process of the test Ray node ``node``: `ray start`, its raylet and agents, its
+    workers, and what they started (a trial's dvc and its stages), found by the inherited marker."""
+    marker, pids = f"{RAY_NODE_ENV}={node}".encode(), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:  # gone, or not ours
+                pass
+    return pids
+
+
+def _kill_node(node: str, sig: int) -> int:
+    pids = _node_pids(node)
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def _start_ray_node(args: list[str], env: dict, node: str, log: Path) -> subprocess.Popen:
+    ray = Path(sys.executable).parent / "ray"
+    return subprocess.Popen([str(ray), "start", *args, "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
+                             "--disable-usage-stats", "--block"], env={**env, RAY_NODE_ENV: node},
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _alive_nodes(address: str, env: dict) -> int:
+    probe = "import ray; ray.init(address=%r, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))" % address
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else 0
+
+
+def test_ray_cluster_sweep_survives_a_lost_node(team, tmp_path):
+    """Issue 22's cluster form: a two-node Ray cluster on 127.0.0.1 (`ray start --head`, `ray
+    start --address`), each node with its own scratch folder (CIFARCNN_TRIAL_DIR) and the team's
+    credentials in its own environment; the git remote a bare repository, the DVC remote and the
+    MLflow server the team stack's. `python -m cifarcnn.sweep --address` runs 2 lr x 2 seeds; the
+    worker node is killed (every process of it, SIGKILL) while it trains a trial. Every point
+    finishes (the lost one retried on the head), once: one experiment ref per point on origin; the
+    lost attempt's MLflow run is KILLED, none is left RUNNING; a fresh clone's `dvc exp pull`
+    lists all four."""
+    import signal
+
+    stack, repo, env = team
+    origin = tmp_path / "origin.git"
+    if subprocess.run(["git", "remote", "get-url", "origin"], cwd=repo, capture_output=True).returncode != 0:
+        sh(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
+        sh(["git", "remote", "add", "origin", str(origin)], repo, env)
+    origin = Path(sh(["git", "remote", "get-url", "origin"], repo, env).strip())
+    assert "team" in sh(["dvc", "remote", "list"], repo, env), "an earlier test configures the team's DVC remote"
+    sh(["git", "push", "-q", "origin", "HEAD"], repo, env)
+    sh(["dvc", "push"], repo, env, timeout=300)  # the trials pull their inputs from here
+    # What each node's operator puts in that node's environment (`eval "$(python -m
+    # cifarcnn.teamstack env --s3)"`): the MLflow login, the S3 keys and the team CA.
+    printed = subprocess.run(["bash", "-c", 'eval "$("$0" -m cifarcnn.teamstack env --s3 --dir "$1")" && env -0',
+                              sys.executable, str(stack.dir)], env=env, capture_output=True, text=True, check=True)
+    exported = dict(item.split("=", 1) for item in printed.stdout.split("\0") if "=" in item)
+    node_env = {**env, **stack.node_env()}
+    assert {k: exported.get(k) for k in stack.node_env()} == stack.node_env()  # odd secrets survive the shell
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    scratch = {node: tmp_path / f"node-{node}" for node in ("head", "worker")}
+    nodes = {}
+    try:
+        for node, folder in scratch.items():
+            folder.mkdir()
+            args = ["--head", f"--port={port}", "--include-dashboard=false"] if node == "head" else [f"--address={address}"]
+            nodes[node] = _start_ray_node(args, {**node_env, "CIFARCNN_TRIAL_DIR": str(folder)}, node,
+                                          tmp_path / f"ray-{node}.log")
+            if node == "head":
+                time.sleep(3)
+        deadline = time.monotonic() + 180
+        while _alive_nodes(address, env) < 2:
+            assert time.monotonic() < deadline, (tmp_path / "ray-worker.log").read_text()[-3000:]
+            time.sleep(2)
+
+        before = {r.info.run_id for r in experiment_runs()}
+        rates = ["0.0021", "0.0023"]
+        names = {f"lr{lr}-seed{seed}": (lr, seed) for lr in rates for seed in (0, 1)}
+        killed: dict = {}
+
+        def open_training_run(name: str) -> bool:
+            return bool(client().search_runs([client().get_experiment_by_name(EXPERIMENT).experiment_id],
+                                             f"tags.dvc_exp_name = '{name}' and attributes.status = 'RUNNING'"))
+
+        def kill_worker_mid_trial():
+            """Once the worker node trains a trial and its MLflow run is open: kill -9 the node."""
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline and "pids" not in killed:
+                for pid in _node_pids("worker"):
+                    try:
+                        training = b"stages/train.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                        cwd = os.readlink(f"/proc/{pid}/cwd")
+                    except OSError:
+                        continue
+                    trial = re.search(r"/cifarcnn-trial-(.+)-[^-/]+/repo$", cwd)
+                    if training and cwd.startswith(str(scratch["worker"])) and trial:
+                        try:
+                            if not open_training_run(trial.group(1)):
+                                continue
+                        except Exception:  # noqa: BLE001 - the server is busy; look again
+                            continue
+                        killed.update(cwd=cwd, name=trial.group(1), pids=_kill_node("worker", signal.SIGKILL))
+                        break
+                time.sleep(0.3)
+
+        killer = threading.Thread(target=kill_worker_mid_trial, daemon=True)
+        killer.start()
+        started = time.monotonic()
+        out = sh([sys.executable, "-m", "cifarcnn.sweep", "-S", f"lr={','.join(rates)}", "--seeds", "0,1",
+                  "--address", address], repo, env, timeout=1800)
+        MEASURED["ray_cluster_sweep_s"] = round(time.monotonic() - started, 1)
+        killer.join(timeout=5)
+        assert killed.get("pids"), f"the worker node never trained a trial:\n{out}"
+        assert re.search(r"best: lr=0\.002[13] \(mean val acc 0\.\d{4}, test acc 0\.\d{4}, n=2\); 4 of 4 trials", out), out
+        assert "marked 1 MLflow run(s) of lost or cancelled attempts KILLED" in out, out
+        assert Path(killed["cwd"]).is_relative_to(scratch["worker"])  # the lost clone stays on its node's disk
+
+        assert set(names) <= set(sh(["dvc", "exp", "list", "--name-only"], repo, env).split())  # pulled back here
+        refs = sh(["git", "ls-remote", str(origin), "refs/exps/*"], repo, env).split()
+        assert sorted(ref.rsplit("/", 1)[-1] for ref in refs if ref.startswith("refs/exps/")) == sorted(names), refs
+        new = [r for r in experiment_runs() if r.info.run_id not in before]
+        [parent] = [r for r in new if r.data.tags.get("sweep")]
+        assert parent.info.status == "FINISHED"
+        trained = [r for r in new if r.data.tags.get("dvc_stage", "").startswith("train@task3e-")]
+        finished = [r for r in trained if r.info.status == "FINISHED"]
+        assert sorted(r.data.tags["dvc_exp_name"] for r in finished) == sorted(names)
+        for run in finished:
+            lr, seed = names[run.data.tags["dvc_exp_name"]]
+            assert float(run.data.params["lr"]) == float(lr) and run.data.tags["dvc_stage"] == f"train@task3e-{seed}"
+        [lost] = [r for r in trained if r.info.status != "FINISHED"]
+        assert lost.data.tags["dvc_exp_name"] == killed["name"], lost
+        assert lost.info.status == "KILLED" and lost.data.tags.get("killed_by", "").startswith("sweep driver"), lost
+        assert not [r for r in new if r.info.status == "RUNNING"]
+
+        mate = tmp_path / "teammate"
+        sh(["git", "clone", "-q", str(origin), str(mate)], tmp_path, env)
+        trust_the_team_ca(mate, stack, env)
+        sh(["dvc", "exp", "pull", "origin", *names], mate, {**env, **stack.s3_env()}, timeout=300)
+        assert set(names) <= set(sh(["dvc", "exp", "list", "--name-only"], mate, env).split())
+    finally:
+        for node in ("worker", "head"):
+            _kill_node(node, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while (_node_pids("worker") or _node_pids("head")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for node in ("worker", "head"):
+            _kill_node(node, signal.SIGKILL)
+        for proc in nodes.values():
+            proc.wait(timeout=30)
 
 
 def test_start_after_a_crash_cleans_up_and_starts(team):

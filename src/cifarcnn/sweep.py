@@ -20,7 +20,7 @@ there with its MLflow runs nested under the sweep's parent run, and pushes the e
   (``dvc exp run --pull``), log to the driver's ``MLFLOW_TRACKING_URI`` and push the experiment
   with its outputs (``dvc exp push origin``); the driver then pulls them (``dvc exp pull``).
   Credentials (MLflow user and password, S3 keys) come from each node's environment, never from
-  task arguments.
+  task arguments; so does ``CIFARCNN_TRIAL_DIR``, the node's folder for its trials' clones.
 
 A trial whose node dies is retried elsewhere (Ray's task retries) under the same name; a lost
 attempt's MLflow runs are marked KILLED at the end. A failing point is one line and does not stop
@@ -55,6 +55,7 @@ from .tracking import connect, entry_run, repo_root, run_user, tracking_uri
 
 TRIAL_RETRIES = 2  # a trial whose node (or worker) dies is run again elsewhere this often
 SWEEP_TAG = "sweep"  # tag of the sweep's parent run (its id); trials' runs carry DVC's dvc_exp_name
+TRIAL_DIR_ENV = "CIFARCNN_TRIAL_DIR"  # where a node clones its trials (its own disk); default: the temp folder
 NAME_ALLOWED = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -125,7 +126,9 @@ def _last_error(output: str) -> str:
 def run_trial(point: dict, source: dict) -> dict:
     """Clone ``source`` at the sweep's commit, run the point's experiment, push it back.
     Returns the point with its metrics (``eval``), or with ``error``: one line."""
-    work = Path(tempfile.mkdtemp(prefix=f"cifarcnn-trial-{point['name']}-"))
+    # A node's scratch folder for its trials' clones: CIFARCNN_TRIAL_DIR in that node's
+    # environment (as `ray start` was run), else the system's temporary folder.
+    work = Path(tempfile.mkdtemp(prefix=f"cifarcnn-trial-{point['name']}-", dir=os.environ.get(TRIAL_DIR_ENV) or None))
     repo = work / "repo"
     env = {**os.environ, "MLFLOW_TRACKING_URI": source["tracking_uri"], "MLFLOW_RUN_ID": source["sweep_run"]}
     env.pop("DVC_ROOT", None)
@@ -251,7 +254,9 @@ def sweep(grid: dict[str, list[str]], seeds: list[int], run: str, address: str |
         started = time.monotonic()
         status, pending, results = "FAILED", {}, []
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # Embedded: "local" starts Ray here, always. Left as None, Ray would join a cluster that `ray start`
+            # left on this machine (or RAY_ADDRESS), and fail on one that was killed without `ray stop`.
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
             gpus = ray.cluster_resources().get("GPU", 0)
             task = ray.remote(run_trial).options(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
                                                  max_retries=TRIAL_RETRIES)
@@ -286,8 +291,11 @@ def sweep(grid: dict[str, list[str]], seeds: list[int], run: str, address: str |
     seconds = time.monotonic() - started
     if address is not None:  # the experiments are on origin: bring them here, so `dvc exp show` lists them
         done = [r["name"] for r in results if "eval" in r]
-        if done:
-            subprocess.run(["dvc", "exp", "pull", "-f", "origin", *done], check=False)
+        pulled = subprocess.run(["dvc", "exp", "pull", "-f", "origin", *done], capture_output=True, text=True,
+                                cwd=root) if done else None
+        if pulled is not None and pulled.returncode != 0:
+            print(f"sweep: the experiments are on origin, but `dvc exp pull origin` failed here: "
+                  f"{_last_error(pulled.stdout + pulled.stderr)}", file=sys.stderr)
     table, best = _table(results, grid)
     for r in results:
         if "eval" in r:

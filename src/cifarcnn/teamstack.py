@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -309,6 +310,13 @@ class Stack:
         return {"MLFLOW_TRACKING_URI": state["mlflow_uri"], "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
                 "MLFLOW_TRACKING_PASSWORD": keys["TEAM_MLFLOW_PASSWORD"],
                 **({"MLFLOW_TRACKING_SERVER_CERT_PATH": self.ca_bundle(state)} if self.ca_bundle(state) else {})}
+
+    def node_env(self) -> dict[str, str]:
+        """What a machine that trains for the team sets (a Ray node of a sweep, a CI runner): the
+        MLflow login, and the object store's keys for DVC's remote with the team CA (DVC's S3
+        client reads AWS_CA_BUNDLE when the remote sets no ssl_verify, as in a fresh clone)."""
+        ca = self.ca_bundle()
+        return {**self.client_env(), **self.s3_env(), **({"AWS_CA_BUNDLE": ca} if ca else {})}
 
     def s3_env(self) -> dict[str, str]:
         """The object store's keys, for DVC's remote and for the server (not for MLflow clients)."""
@@ -718,6 +726,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="user add: a registered model it may add versions to (default: cifar10-task3e)")
     parser.add_argument("--dir", type=Path, default=Path(os.environ.get("TEAM_STACK_DIR", DEFAULT_DIR)))
     parser.add_argument("--host", default=os.environ.get("TEAM_STACK_HOST", "127.0.0.1"))
+    parser.add_argument("--s3", action="store_true",
+                        help="env: also the object store's keys and CA, for DVC's remote (a Ray node, a CI runner)")
     parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
                         help="start: serve MLflow and S3 over HTTPS with the team's certificate (TEAM_TLS_CERT/KEY)")
     args = parser.parse_args(argv)
@@ -749,7 +759,8 @@ def main(argv: list[str] | None = None) -> None:
         stack.stop()
         print(f"team stack in {stack.dir} stopped")
     elif args.command == "env":
-        print("".join(f"export {k}='{v}'\n" for k, v in stack.client_env().items()), end="")
+        env = stack.node_env() if args.s3 else stack.client_env()
+        print("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()), end="")
     elif args.command == "remote":
         stack.configure_dvc_remote(Path.cwd())
         print("DVC remote `team` -> s3://dvc/cache (keys in .dvc/config.local); `dvc push` / `dvc pull`")
