@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -898,3 +899,61 @@ def test_sweep_runs_each_point_as_a_ray_trial(project):
         seeds_parent = client.get_run(run.data.tags["mlflow.parentRunId"])
         assert seeds_parent.data.tags["mlflow.parentRunId"] == parent.info.run_id  # nested under the sweep
     assert not [r for r in new if r.info.status == "RUNNING"]
+
+
+def test_ctrl_c_on_a_sweep_cancels_its_trials_and_leaves_every_run_killed(project):
+    """Ctrl-C (SIGINT) on the sweep's driver while its trials train: it exits in one line, the
+    trials stop (no training process is left), the sweep's run and every trial's run are KILLED,
+    none is left RUNNING. Runs after the sweep above (which committed the workspace)."""
+    import signal
+
+    repo, env, _ = project
+    before = {r.info.run_id for r in mlflow_runs(repo)}
+    rates = ["0.0017", "0.0019"]
+    driver = subprocess.Popen([sys.executable, "-m", "cifarcnn.sweep", "-S", f"lr={','.join(rates)}"], cwd=repo,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def trials_training() -> list:
+        return [r for r in mlflow_runs(repo) if r.info.run_id not in before and r.info.status == "RUNNING"
+                and r.data.tags.get("dvc_stage", "").startswith("train@task3e-")]
+
+    try:
+        deadline = time.monotonic() + 600
+        while len(trials_training()) < len(rates):  # both trials (2 CPUs: 2 at once) have opened their runs
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0]
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)
+        out, _ = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode != 0, out
+    lines = [line for line in out.splitlines() if line.strip() and "sweep trials" not in line]
+    assert lines[-1] == "error: interrupted (SIGINT)" and "Traceback" not in out, out
+    deadline = time.monotonic() + 60
+    while _training_processes(repo):  # the trials' dvc and stages, in their clones
+        assert time.monotonic() < deadline, _training_processes(repo)
+        time.sleep(0.5)
+    new = [r for r in mlflow_runs(repo) if r.info.run_id not in before]
+    [parent] = [r for r in new if r.data.tags.get("sweep")]
+    assert parent.info.status == "KILLED", parent.info
+    trained = [r for r in new if r.data.tags.get("dvc_stage", "").startswith("train@task3e-")]
+    assert len(trained) == len(rates) and all(r.info.status == "KILLED" for r in trained), \
+        [(r.info.run_name, r.info.status) for r in trained]
+    assert not [r for r in new if r.info.status == "RUNNING"]
+
+
+def _training_processes(repo: Path) -> list[str]:
+    """Command lines of live processes that train or run DVC for a sweep trial (in a trial clone)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if "cifarcnn-trial-" in cwd and ("stages/" in cmd or "dvc" in cmd):
+            found.append(f"{entry.name}: {cmd[:120]}")
+    return found
