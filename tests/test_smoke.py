@@ -957,3 +957,25 @@ def _training_processes(repo: Path) -> list[str]:
         if "cifarcnn-trial-" in cwd and ("stages/" in cmd or "dvc" in cmd):
             found.append(f"{entry.name}: {cmd[:120]}")
     return found
+
+
+def test_a_failing_point_is_one_line_and_the_others_finish(project):
+    """A sweep with one point that cannot run (lr=-1, refused by the configure stage): that point
+    is one line naming it and the stage's own error, the other point finishes and is pushed back,
+    the command exits 2 with the count, and no run of the sweep is left RUNNING."""
+    repo, env, _ = project
+    before = {r.info.run_id for r in mlflow_runs(repo)}
+    proc = subprocess.run([sys.executable, "-m", "cifarcnn.sweep", "-S", "lr=0.0015,-1"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    [failed] = [line for line in out.splitlines() if line.startswith("sweep: lr-1-seed0 failed:")]
+    assert "lr: must be > 0, got -1" in failed, out
+    assert out.strip().splitlines()[-1].startswith("error: 1 of 2 trials failed: lr-1-seed0: "), out
+    assert "lr0.0015-seed0" in sh(["dvc", "exp", "list", "--name-only"], repo, env).split()
+    new = [r for r in mlflow_runs(repo) if r.info.run_id not in before]
+    [parent] = [r for r in new if r.data.tags.get("sweep")]
+    assert parent.info.status == "FAILED"
+    trained = [r for r in new if r.data.tags.get("dvc_stage", "").startswith("train@task3e-")]
+    assert [(r.data.tags["dvc_exp_name"], r.info.status) for r in trained] == [("lr0.0015-seed0", "FINISHED")]
+    assert not [r for r in new if r.info.status == "RUNNING"]
