@@ -558,8 +558,12 @@ def test_ray_cluster_sweep_survives_a_lost_node(team, tmp_path):
     printed = subprocess.run(["bash", "-c", 'eval "$("$0" -m cifarcnn.teamstack env --s3 --dir "$1")" && env -0',
                               sys.executable, str(stack.dir)], env=env, capture_output=True, text=True, check=True)
     exported = dict(item.split("=", 1) for item in printed.stdout.split("\0") if "=" in item)
-    node_env = {**env, **stack.node_env()}
     assert {k: exported.get(k) for k in stack.node_env()} == stack.node_env()  # odd secrets survive the shell
+    # Ray's token auth, explicit and the same on every node and the driver (Ray turns it on by itself for a
+    # head once ~/.ray/auth_token exists, e.g. after any local ray.init, and a joining node without the
+    # token is refused: "InvalidAuthToken").
+    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex()}
+    node_env = {**env, **stack.node_env()}
     port = free_port()
     address = f"127.0.0.1:{port}"
     scratch = {node: tmp_path / f"node-{node}" for node in ("head", "worker")}
