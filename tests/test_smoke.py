@@ -277,7 +277,6 @@ def mlflow_service(args: list[str], cwd: Path, env: dict, ready_url: str, timeou
     """An `mlflow ...` server (its own process group) that answers 200 on ``ready_url``; stopped
     with its children afterwards. ``log``: where its output goes (else nowhere)."""
     import signal
-    import time
     import urllib.request
 
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - the server writes it until stopped
@@ -436,7 +435,6 @@ def test_served_model_stops_working_past_the_request_timeout(project, tmp_path):
     """`mlflow models serve` with MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT=1: a request that takes
     longer gets MLflow's 504 at once, and the model stops at its next chunk instead of scoring
     the rest for nobody (its line in the server's log says where)."""
-    import time
     import urllib.error
     import urllib.request
 
@@ -578,7 +576,6 @@ def kill_stage_process(repo: Path, marker: str, when) -> None:
     """SIGKILL the stage's python process (not DVC, not a shell around it) as soon as it runs and
     ``when()`` holds, and wait until it is gone."""
     import signal
-    import time
 
     deadline = time.time() + 300
     while not (when() and _stage_pids(repo, marker)):
@@ -618,7 +615,6 @@ def test_dvc_stopped_mid_training_marks_the_run_killed_and_resumes_it(project):
     (one line says why) and trains a new run. With the lr back it continues the killed run in the
     same MLflow run, no step logged twice, and ends with the numbers of an unbroken run."""
     import signal
-    import time
 
     repo, env, _ = project
     original = (repo / "params.yaml").read_text()
@@ -748,7 +744,6 @@ def test_queued_experiments_beside_a_training_workspace_keep_their_own_runs(proj
     the queued copy trains with the state locked, the workspace trains without it and says so),
     two with other learning rates. Every run succeeds in its own MLflow run, and the workspace's
     run is untouched by the others (FINISHED, its lr, each step once)."""
-    import time
 
     repo, env, _ = project
     original = (repo / "params.yaml").read_text()
@@ -931,8 +926,8 @@ def test_ctrl_c_on_a_sweep_cancels_its_trials_and_leaves_every_run_killed(projec
     lines = [line for line in out.splitlines() if line.strip() and "sweep trials" not in line]
     assert lines[-1] == "error: interrupted (SIGINT)" and "Traceback" not in out, out
     deadline = time.monotonic() + 60
-    while _training_processes(repo):  # the trials' dvc and stages, in their clones
-        assert time.monotonic() < deadline, _training_processes(repo)
+    while _training_processes():  # the trials' dvc and stages, in their clones
+        assert time.monotonic() < deadline, _training_processes()
         time.sleep(0.5)
     new = [r for r in mlflow_runs(repo) if r.info.run_id not in before]
     [parent] = [r for r in new if r.data.tags.get("sweep")]
@@ -943,7 +938,7 @@ def test_ctrl_c_on_a_sweep_cancels_its_trials_and_leaves_every_run_killed(projec
     assert not [r for r in new if r.info.status == "RUNNING"]
 
 
-def _training_processes(repo: Path) -> list[str]:
+def _training_processes() -> list[str]:
     """Command lines of live processes that train or run DVC for a sweep trial (in a trial clone)."""
     found = []
     for entry in Path("/proc").iterdir():
