@@ -299,6 +299,45 @@ def test_interrupted_run_is_killed_and_left_alone_by_a_run_with_other_params(sto
     assert client.get_run(killed.info.run_id).info.status == "FINISHED" and not state.exists()
 
 
+@pytest.mark.parametrize("as_stage", [False, True], ids=["print-first", "stage-script"])
+def test_a_run_whose_output_nobody_reads_is_killed_not_failed(store, as_stage):
+    """A cancelled sweep trial: its Ray worker, the only reader of the training's stdout and
+    stderr, dies. The training's next print raises BrokenPipeError (print-first: no watcher), or
+    errors.watch_parent sees the closed pipes and sends SIGTERM (stage-script: run through
+    errors.cli as a stage is) -- whichever comes first, the run was stopped from outside: it reads
+    KILLED, not FAILED, and its resume state is kept for `dvc repro`."""
+    script = f"""
+import sys
+sys.path[:0] = {[str(ROOT / "tests"), str(ROOT / "src")]!r}
+from pathlib import Path
+from helpers import tiny_dataset, tiny_run
+from cifarcnn.errors import cli
+from cifarcnn.pipeline import train_and_track
+
+def main():
+    cfg = tiny_run("task2", batch_size=32, evals_per_epoch=4, epochs=200, early_stop_count=1000)
+    train_and_track(cfg, tiny_dataset(300, 60), Path("models"), Path("results"))
+
+(cli(main) if {as_stage!r} else main)()
+"""
+    env = {**os.environ, "DVC_ROOT": str(store), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=store, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline()  # its first validation: the run is open and training
+        assert line.startswith(b"task2 step "), line + proc.stderr.read()
+        proc.stdout.close()  # the reader dies: nobody reads its output any more
+        proc.stderr.close()
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (run,) = training_runs(MlflowClient(tracking.tracking_uri()), tiny_run("task2").experiment)
+    assert run.info.status == "KILLED", run.info
+    assert list((store / "models").glob(RESUME_GLOB)), "the resume state is kept"
+
+
 def test_a_state_in_use_is_not_shared(store, capsys):
     """Two copies with the same config and seed (a queued experiment while the workspace trains):
     the second trains without the first's resume state and says so; the first's is untouched."""

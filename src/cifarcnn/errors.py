@@ -5,6 +5,7 @@ import atexit
 import contextlib
 import functools
 import os
+import select
 import signal
 import sys
 import threading
@@ -49,8 +50,36 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return name, int(rest[1])
 
 
+_ORPHANED = threading.Event()  # set once whoever started this process, or reads its output, is gone
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether ``fd`` is a pipe whose reading end is closed (Linux reports POLLERR on its
+    writing end): the next write to it raises BrokenPipeError. False for files and terminals."""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # closed fd; no poll() on this platform
+        return False
+
+
+def output_unread() -> bool:
+    """Whether nobody reads this process's stdout or stderr any more (both were pipes to a
+    process that died: a cancelled sweep trial's Ray worker, a killed `dvc exp run`)."""
+    return _reader_gone(1) or _reader_gone(2)
+
+
+def stopped_from_outside(err: BaseException) -> bool:
+    """Whether ``err`` ended this process because it was stopped from outside (its MLflow run
+    then reads KILLED, not FAILED): Ctrl-C, SIGTERM/SIGHUP, or whoever started it or reads its
+    output gone. The last often shows first as a BrokenPipeError from a print, before
+    ``watch_parent``'s next look; it is told apart from a failure by the state of the pipes."""
+    return isinstance(err, (KeyboardInterrupt, Interrupted)) or _ORPHANED.is_set() or output_unread()
+
+
 def watch_parent(interval_s: float = 1.0) -> None:
-    """SIGTERM to this process once whoever started it is gone.
+    """SIGTERM to this process once whoever started it is gone, or nobody reads its output.
 
     DVC does not pass SIGTERM on to the stage it runs: without this, `kill <dvc>` leaves the
     training running as an orphan that writes outputs no dvc.lock records. The parent is DVC, or
@@ -61,19 +90,21 @@ def watch_parent(interval_s: float = 1.0) -> None:
     stat = _stat(parent)
     grandparent = stat[1] if stat and stat[0] in SHELLS else None
 
-    def gone() -> bool:
+    def gone() -> str | None:
         if os.getppid() != parent:  # re-parented: the parent died
-            return True
-        if grandparent is not None:
-            shell = _stat(parent)
-            return shell is None or shell[1] != grandparent
-        return False
+            return f"the process that started this stage (pid {parent}) is gone"
+        if grandparent is not None and ((shell := _stat(parent)) is None or shell[1] != grandparent):
+            return f"the process that started this stage (pid {grandparent}) is gone"
+        return "nobody reads this stage's output any more" if output_unread() else None
 
     def loop() -> None:
-        while not gone():
+        while not (why := gone()):
             time.sleep(interval_s)
-        print(f"error: the process that started this stage (pid {parent}) is gone; stopping", file=sys.stderr,
-              flush=True)
+        _ORPHANED.set()
+        try:  # stderr may be a pipe nobody reads: the SIGTERM below must still come
+            print(f"error: {why}; stopping", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=loop, name="watch-parent", daemon=True).start()
@@ -107,7 +138,10 @@ def exit_now(code: int) -> NoReturn:
             thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a pipe nobody reads any more: nothing to keep
+            pass
     os._exit(code)
 
 

@@ -7,7 +7,8 @@ Failure-safe by construction:
 - its file is named by what it continues (config, seed, data, training code: resume_key) and
   locked while in use, so copies with other params never pick it up and two copies with the
   same params never share it; this is settled before any MLflow run is opened or re-opened;
-- SIGTERM/SIGINT (or DVC gone, errors.watch_parent) mark the MLflow run KILLED, an error FAILED;
+- SIGTERM/SIGINT, or DVC or the reader of its output gone (errors.stopped_from_outside), mark
+  the MLflow run KILLED, an error FAILED;
 - the results are staged and appear together only once MLflow holds the run;
 - the resume state is removed only then: if the store is down at the end, the next
   `dvc repro` finds the finished state and logs it without training again.
@@ -24,7 +25,7 @@ from .checkpoint import load_checkpoint
 from .config import RunConfig, config_digest
 from .data import Dataset
 from .device import resolve_device
-from .errors import Interrupted, work
+from .errors import stopped_from_outside, work
 from .fsutil import csv_text, file_digest, is_locked, release_lock, split_metrics, staged_outputs, try_lock, write_json, write_text
 from .runfiles import BEST, CURVES_CSV, RESUME_GLOB, TRAIN_LOSS_CSV, resume_file
 from .tracking import PARENT_TAG, TIMING, MlflowRun, close_parent, parent_run, repo_root, run_tags
@@ -159,7 +160,7 @@ def _train_and_track(cfg: RunConfig, ds: Dataset, device, model_dir: Path, resul
         close_parent(cfg.experiment, parent)
         return metrics
     except BaseException as err:
-        killed = isinstance(err, (KeyboardInterrupt, Interrupted))
+        killed = stopped_from_outside(err)
         run.abandon()
         try:
             run.finish("KILLED" if killed else "FAILED")

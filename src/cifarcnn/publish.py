@@ -27,7 +27,7 @@ from mlflow.entities import Metric
 from .checkpoint import verified_checkpoint
 from .config import RunConfig, config_digest, load_params, resolve_seeds, run_names
 from .data import Dataset
-from .errors import UserError, cli
+from .errors import UserError, cli, stopped_from_outside
 from .report import aggregates, load_results
 from .runfiles import BEST, load_curves, run_dirs
 from .serving import served_model
@@ -81,9 +81,9 @@ def publish_seed(experiment: str, run_name: str, seed: dict, ds: Dataset, data_s
         model = served_model(run_name, n, best, ds, info, seed["config"], metrics)
         log_evaluation(experiment, f"{run_name}-{n}", run.run_id, metrics, pngs, model)
         run.finish()
-    except BaseException:
+    except BaseException as err:
         run.abandon()
-        run.finish("FAILED")
+        run.finish("KILLED" if stopped_from_outside(err) else "FAILED")
         raise
     close_parent(experiment, parent)
     return run.run_id
