@@ -87,6 +87,49 @@ def test_training_run_contents(store, monkeypatch):
     assert metrics["mlflow_logging_share"] < 0.5  # tiny runs; the real share is measured in bench/
 
 
+def test_parent_reads_running_while_a_seed_trains(store, monkeypatch):
+    """The UI's parent row: RUNNING while any of its seeds trains, FINISHED once the last one
+    ended (finished or failed), its end then -- never left RUNNING, never FINISHED mid-training."""
+    from cifarcnn import training
+
+    cfg, ds = tiny_run("task2", batch_size=32, evals_per_epoch=2), tiny_dataset(300, 60)
+    client = MlflowClient(tracking.tracking_uri())
+    seen: list[str] = []
+    real_save = training.save_checkpoint
+
+    def parents() -> list:
+        exp = client.get_experiment_by_name(cfg.experiment)
+        return client.search_runs([exp.experiment_id], "tags.seeds_parent = 'true'")
+
+    def save_and_look(path, payload):  # mid-training, as another process reads the store
+        seen.append(parents()[0].info.status)
+        real_save(path, payload)
+    monkeypatch.setattr(training, "save_checkpoint", save_and_look)
+    first = train_and_track(cfg, ds, store / "m0", store / "r0")
+    [parent] = parents()
+    assert set(seen) == {"RUNNING"} and parent.info.status == "FINISHED", seen
+    assert parent.info.end_time >= client.get_run(first["mlflow_run_id"]).info.end_time
+
+    # Two seeds at once (dvc queue -j 2): the one that ends first leaves the parent RUNNING.
+    other = client.create_run(parent.info.experiment_id, tags={tracking.PARENT_TAG: parent.info.run_id})
+    train_and_track(cfg.replace(seed=1), ds, store / "m1", store / "r1")
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"
+    client.set_terminated(other.info.run_id)
+    tracking.close_parent(cfg.experiment, parent.info.run_id)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+    # A seed that fails ends its parent too.
+    def save_and_fail(path, payload):
+        assert parents()[0].info.status == "RUNNING"
+        raise RuntimeError("disk gone")
+    monkeypatch.setattr(training, "save_checkpoint", save_and_fail)
+    with pytest.raises(RuntimeError):
+        train_and_track(cfg.replace(seed=2), ds, store / "m2", store / "r2")
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.info.status for r in children) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+
+
 def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     """The evaluate stage script, as DVC runs it: figures and eval metrics join the training run."""
     import os

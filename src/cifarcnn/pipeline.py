@@ -28,7 +28,7 @@ from .device import resolve_device
 from .errors import stopped_from_outside, work
 from .fsutil import csv_text, file_digest, is_locked, release_lock, split_metrics, staged_outputs, try_lock, write_json, write_text
 from .runfiles import BEST, CURVES_CSV, RESUME_GLOB, TRAIN_LOSS_CSV, resume_file
-from .tracking import PARENT_TAG, TIMING, MlflowRun, close_parent, parent_run, repo_root, run_tags
+from .tracking import PARENT_TAG, TIMING, MlflowRun, close_parent, open_parent, parent_run, repo_root, run_tags
 from .training import data_fingerprint, resume_key, train
 
 CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "val_acc"]
@@ -118,6 +118,7 @@ def _train_and_track(cfg: RunConfig, ds: Dataset, device, model_dir: Path, resul
         if run_id:
             run.mark_killed(run_id)
     try:
+        open_parent(run.client, parent)  # RUNNING while this seed trains; close_parent ends it (if no other seed trains)
         n_val = len(validation_indices(len(ds.train_y), cfg.val_fraction, cfg.split_seed)[1])
         dataset = (str(cfg.data_params.get("source")), data_fingerprint(ds), {
             "subset": str(cfg.data_params.get("subset")), "train_images": str(len(ds.train_y) - n_val),
@@ -164,7 +165,8 @@ def _train_and_track(cfg: RunConfig, ds: Dataset, device, model_dir: Path, resul
         run.abandon()
         try:
             run.finish("KILLED" if killed else "FAILED")
-        except Exception:  # noqa: BLE001 - the original error matters more
+            close_parent(cfg.experiment, parent)  # not left RUNNING by a seed that ended this way
+        except Exception:  # noqa: BLE001 - the original error matters more (and a store that is down, no wait)
             pass
         if killed and resume_path.exists():
             print(f"{cfg.name} seed {cfg.seed}: MLflow run {run.run_id} marked KILLED; `dvc repro` continues it "

@@ -51,7 +51,7 @@ from .config import load_params, run_names
 from .errors import UserError, cli
 from .evaluation import EVAL_METRICS
 from .runfiles import run_dirs
-from .tracking import connect, entry_run, repo_root, run_user, tracking_uri
+from .tracking import PARENT_TAG, connect, end_parent, entry_run, repo_root, run_user, tracking_uri
 
 TRIAL_RETRIES = 2  # a trial whose node (or worker) dies is run again elsewhere this often
 SWEEP_TAG = "sweep"  # tag of the sweep's parent run (its id); trials' runs carry DVC's dvc_exp_name
@@ -192,7 +192,7 @@ def _source(root: Path, run: str, address: str | None, bundle_dir: Path) -> dict
 def _kill_left_runs(client, exp_id: str, names: list[str], since_ms: int, why: str) -> int:
     """Mark the sweep's runs still RUNNING (a lost or cancelled attempt's: DVC tags each run with
     its experiment's name) KILLED; how many."""
-    killed = 0
+    killed, parents = 0, set()
     for name in names:
         left = client.search_runs([exp_id], filter_string=f"tags.dvc_exp_name = '{name}' and "
                                   f"attributes.status = 'RUNNING' and attributes.start_time >= {since_ms}")
@@ -200,6 +200,9 @@ def _kill_left_runs(client, exp_id: str, names: list[str], since_ms: int, why: s
             client.set_tag(run.info.run_id, "killed_by", why)
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
             killed += 1
+            parents.add(run.data.tags.get(PARENT_TAG))
+    for parent in parents - {None}:  # the seeds' parents those attempts left RUNNING
+        end_parent(client, exp_id, parent)
     return killed
 
 

@@ -466,13 +466,31 @@ def parent_run(experiment: str, run_name: str, digest: str, describes: str = "",
     return _parent_run(client, exp_id, run_name, digest, describes, params or {})
 
 
-def close_parent(experiment: str, parent: str) -> None:
-    """A seed finished: the parent's end is now, so its duration spans its seeds."""
-    client, _ = connect(experiment)
+def open_parent(client: MlflowClient, parent: str) -> None:
+    """A seed trains under ``parent`` (its run made): the parent reads RUNNING until its last
+    seed ends (:func:`end_parent`), as the UI's parent row should while its seeds train."""
     try:
-        client.set_terminated(parent, "FINISHED", end_time=int(time.time() * 1000))
-    except Exception:  # noqa: BLE001 - a duration is not worth failing a finished run over
+        client.update_run(parent, status="RUNNING")
+    except Exception:  # noqa: BLE001 - a busy store: a parent's status is not worth stopping the training
         pass
+
+
+def close_parent(experiment: str, parent: str) -> None:
+    """A seed ended (finished, failed or stopped): see :func:`end_parent`."""
+    try:
+        client, exp_id = connect(experiment)
+        end_parent(client, exp_id, parent)
+    except Exception:  # noqa: BLE001 - a parent's status is not worth failing (or hiding the error of) a seed over
+        pass
+
+
+def end_parent(client: MlflowClient, exp_id: str, parent: str) -> None:
+    """A seed under ``parent`` ended: the parent reads FINISHED, its end now (so its duration
+    spans its seeds), unless another of its seeds still trains -- that one ends it. Each seed
+    ends its own run first, so of two ending at once the later sees the other ended."""
+    if not client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'",
+                              max_results=1):
+        client.set_terminated(parent, "FINISHED", end_time=int(time.time() * 1000))
 
 
 def _parent_run(client: MlflowClient, exp_id: str, run_name: str, digest: str, describes: str,
@@ -493,7 +511,7 @@ def _parent_run(client: MlflowClient, exp_id: str, run_name: str, digest: str, d
                                    f"{SEEDS}* are their aggregates (written by the report stage)."})
         if params:
             client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        client.set_terminated(run.info.run_id)  # each seed's end moves its end (close_parent)
+        client.set_terminated(run.info.run_id)  # ended until a seed trains under it (open_parent)
         first = _find_parent(client, exp_id, run_name, digest, entry or "none")  # two seeds starting at once (-j 2)
         if first != run.info.run_id:  # may both have created one: keep the earliest, drop ours
             client.delete_run(run.info.run_id)
