@@ -208,6 +208,33 @@ def test_store_that_never_answers_ends_in_one_line(monkeypatch):
         run.flush()
 
 
+def test_params_wait_for_a_restarting_store_and_a_refusal_ends_at_once(monkeypatch):
+    """The params, the last write before training: a store that is restarting (its database
+    away) is asked again until it answers; an answer that refuses them (a value the run already
+    holds differently) is one line at once, not FINAL_WAIT_S of asking the same again."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    monkeypatch.setattr(tracking, "MAX_BACKOFF_S", 0.05)
+    restarting = FlakyClient(failures=3)
+    restarting.log_batch = lambda run_id, params=(), _real=restarting.log_batch: _real(run_id, metrics=params)
+    tracking.MlflowRun(restarting, "run-1").log_params({"lr": 0.05, "batch_size": 64})
+    assert restarting.calls == 4 and [p.key for p in restarting.written] == ["lr", "batch_size"]
+
+    class Refusing:
+        calls = 0
+
+        def log_batch(self, run_id, params=()):
+            self.calls += 1
+            raise MlflowException("Changing param values is not allowed. Param with key='lr' was already logged "
+                                  "with value='0.05'", error_code=INVALID_PARAMETER_VALUE)
+    refusing = Refusing()
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"MLflow log params: the store .* refused it \(MlflowException: Changing param"):
+        tracking.MlflowRun(refusing, "run-1").log_params({"lr": 0.01})
+    assert refusing.calls == 1 and time.monotonic() - started < 1
+
+
 def test_resumed_run_skips_steps_the_store_holds():
     client = FlakyClient(failures=0)
     run = tracking.MlflowRun(client, "run-1", logged_up_to={"curves/train_loss": 40, "curves/val_loss": 40})

@@ -23,6 +23,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 import mlflow  # noqa: E402
 from mlflow.entities import DatasetInput, InputTag, Metric, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -44,6 +45,8 @@ FINAL_WAIT_S = float(os.environ.get("CIFARCNN_MLFLOW_WAIT_S", 120))  # how long 
 MAX_BACKOFF_S = 30.0  # longest pause between two tries
 SYSTEM_METRICS_S = float(os.environ.get("CIFARCNN_SYSTEM_METRICS_S", 10))  # seconds between system metric samples
 CONNECT_WAIT_S = float(os.environ.get("CIFARCNN_MLFLOW_CONNECT_WAIT_S", 20))  # a stage's first contact: how long it waits
+# The store's answers that are not a busy or restarting store (mlflow.protos.databricks_pb2's codes).
+REFUSALS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"}
 
 
 def repo_root() -> Path:
@@ -217,6 +220,8 @@ class MlflowRun:
                     self.seconds += time.perf_counter() - started
             except Exception as err:  # noqa: BLE001 - a busy or restarting store: wait and retry
                 self.last_error = f"{type(err).__name__}: {_first_line(err)}"
+                if isinstance(err, MlflowException) and err.error_code in REFUSALS:  # an answer: asking again changes nothing
+                    raise UserError(f"MLflow {what}: the store {tracking_uri()} refused it ({self.last_error})") from err
                 if time.monotonic() + wait > deadline:
                     raise UserError(
                         f"MLflow {what}: the store {tracking_uri()} did not answer for {FINAL_WAIT_S} s "
@@ -230,7 +235,7 @@ class MlflowRun:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self._guard("log params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self._retrying("log params", self.client.log_batch, self.run_id, params=items[i:i + 100])  # a restart: wait
 
     def _write(self, metrics: list[Metric]) -> None:
         for i in range(0, len(metrics), BATCH_LIMIT):
@@ -418,8 +423,10 @@ def run_tags(run_name: str, device: str, script: str, description: str = "") -> 
         "mlflow.user": run_user(),  # the UI's "Created by" (fluent start_run sets it; create_run does not)
         **({"mlflow.note.content": description} if description else {}),
         "git_commit": commit,
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "dvc_stage": os.environ.get("DVC_STAGE", ""),
+        # Only where DVC says: `dvc exp run` names its experiment, `dvc repro` in the workspace does not
+        # (an empty value would read as a name in the UI's tag column and in searches).
+        **{tag: os.environ[var] for tag, var in (("dvc_exp_name", "DVC_EXP_NAME"), ("dvc_stage", "DVC_STAGE"))
+           if os.environ.get(var)},
         "device": device,
         "torch_version": torch.__version__,
         "run": run_name,
