@@ -68,7 +68,7 @@ def test_repro_runs_every_stage(project):
         assert run.data.tags.get("mlflow.user")  # the UI's "Created by"
         assert run.data.tags["dvc_stage"] == f"train@{name}-0" and "dvc_exp_name" not in run.data.tags  # `dvc repro`
         parent = client.get_run(run.data.tags["mlflow.parentRunId"])
-        assert parent.info.status == "FINISHED" and parent.info.end_time >= run.info.end_time  # its one seed ended
+        assert parent.info.status == "FINISHED"  # its one seed ended (RUNNING while it trained)
         assert parent.data.metrics["seeds/n_seeds"] == 1  # the report's aggregates
         assert parent.inputs.dataset_inputs and parent.data.tags.get("mlflow.user")  # the data its seeds saw, who
         assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
