@@ -233,6 +233,11 @@ def test_params_wait_for_a_restarting_store_and_a_refusal_ends_at_once(monkeypat
     with pytest.raises(UserError, match=r"MLflow log params: the store .* refused it \(MlflowException: Changing param"):
         tracking.MlflowRun(refusing, "run-1").log_params({"lr": 0.01})
     assert refusing.calls == 1 and time.monotonic() - started < 1
+    monkeypatch.setattr(tracking, "FINAL_WAIT_S", 0.5)  # a store that never answers: nothing trained to keep yet
+    restarting.failures = 10 ** 9
+    with pytest.raises(UserError, match=r"did not answer for 0\.5 s \(RuntimeError: .*locked\); nothing was trained by "
+                                        r"this process yet; re-run it once the store answers$"):
+        tracking.MlflowRun(restarting, "run-1").log_params({"lr": 0.05})
 
 
 def test_resumed_run_skips_steps_the_store_holds():

@@ -47,6 +47,7 @@ SYSTEM_METRICS_S = float(os.environ.get("CIFARCNN_SYSTEM_METRICS_S", 10))  # sec
 CONNECT_WAIT_S = float(os.environ.get("CIFARCNN_MLFLOW_CONNECT_WAIT_S", 20))  # a stage's first contact: how long it waits
 # The store's answers that are not a busy or restarting store (mlflow.protos.databricks_pb2's codes).
 REFUSALS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+BEFORE_TRAINING = "nothing was trained by this process yet; re-run it once the store answers"  # the dataset and params, logged first
 
 
 def repo_root() -> Path:
@@ -207,8 +208,10 @@ class MlflowRun:
         finally:
             self.seconds += time.perf_counter() - started
 
-    def _retrying(self, what: str, fn, *args, **kwargs):
-        """Try ``fn`` until it succeeds or FINAL_WAIT_S have passed (then a one-line error)."""
+    def _retrying(self, what: str, fn, *args, then: str = "the trained checkpoint is kept, so once the store "
+                  "answers `dvc repro` logs this run without training again", **kwargs):
+        """Try ``fn`` until it succeeds or FINAL_WAIT_S have passed, or the store refuses it (an
+        answer: asking again changes nothing); then a one-line error that ends with ``then``."""
         deadline = time.monotonic() + FINAL_WAIT_S
         wait = 1.0
         while True:
@@ -225,8 +228,7 @@ class MlflowRun:
                 if time.monotonic() + wait > deadline:
                     raise UserError(
                         f"MLflow {what}: the store {tracking_uri()} did not answer for {FINAL_WAIT_S} s "
-                        f"({self.last_error}); the trained checkpoint is kept, so once the store answers "
-                        f"`dvc repro` logs this run without training again") from err
+                        f"({self.last_error}); {then}") from err
                 time.sleep(wait)
                 wait = min(wait * 2, MAX_BACKOFF_S)
 
@@ -235,7 +237,8 @@ class MlflowRun:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self._retrying("log params", self.client.log_batch, self.run_id, params=items[i:i + 100])  # a restart: wait
+            self._retrying("log params", self.client.log_batch, self.run_id, params=items[i:i + 100],
+                           then=BEFORE_TRAINING)  # a restart: wait
 
     def _write(self, metrics: list[Metric]) -> None:
         for i in range(0, len(metrics), BATCH_LIMIT):
@@ -340,7 +343,7 @@ class MlflowRun:
             entity = DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training"),
                                                                  *(InputTag(k, v) for k, v in tags.items())])
             self.client.log_inputs(self.run_id, datasets=[entity])  # not start_run: that would end the run
-        self._retrying("log dataset", _log)
+        self._retrying("log dataset", _log, then=BEFORE_TRAINING)
 
     def log_model(self, log: Callable[[], object], checkpoint_digest: str):
         """Log a model into this run once per checkpoint: ``log`` is a flavour's ``log_model``
