@@ -139,6 +139,15 @@ def test_exp_show_and_metrics_show_fit_a_terminal(project):
     assert list(means) == RUNS and f"{means['task3e']:.5g}" in shown, shown  # DVC shows 5 significant digits
     summary = json.loads((repo / "reports" / "summary" / "task3e.json").read_text())
     assert means["task3e"] == summary["test_acc"]
+    # Plain `dvc exp show` (no terminal: the same table its pager gets, up to 1,024 columns):
+    # reports/test_acc.json's columns come first, right after the name and date, none folded.
+    plain = [line for line in sh(["dvc", "exp", "show"], repo, wide).splitlines() if line.strip()]
+    header = next(line for line in plain if "Experiment" in line).split()
+    assert header[:2 + len(RUNS)] == ["Experiment", "Created", *RUNS], header[:12]
+    workspace = next(line for line in plain if line.split()[0] == "workspace").split()
+    assert workspace[2:2 + len(RUNS)] == [f"{means[run]:.5g}" for run in RUNS], workspace[:12]
+    lr = yaml.safe_load((repo / "params.yaml").read_text())["lr"]  # 0.002, the experiment's, applied
+    assert len(header) == len(workspace) and workspace[header.index("lr")] == f"{lr:g}", (header, workspace)
     metrics = sh(["dvc", "metrics", "show"], repo, wide)
     assert max(len(line) for line in metrics.splitlines()) <= 200, metrics
     for path in (repo / "results").glob("*/seed*/*.json"):
