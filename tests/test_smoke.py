@@ -266,6 +266,18 @@ def test_report_stage_fed_the_h200_seeds(project, tmp_path):
     assert test_row("## Task 4a")[-1] == "not comparable: random weights", test_row("## Task 4a")
     shift = next(line for line in report.splitlines() if line.startswith("Over the report's 5 independent"))
     assert "t(4) = 5.97, p = 0.0039" in shift and "systematically above" in shift, shift
+    # With seeds enough for verdicts, every section of issue 19 is on the page.
+    for heading in ["Architectures", "Hyperparameters", "Task 3d", "Task 3e", "The report's claims, tested over seeds",
+                    "Is the report above us across runs?", "Task 4c"]:
+        assert f"\n## {heading}" in report, heading
+    claims = report.split("## The report's claims, tested over seeds", 1)[1].split("\n## ", 1)[0]
+    # The H200 numbers, as in issue 19's closing note: Welch for unpaired runs, paired t by seed.
+    assert "task3e beats task2: +6.91 ± 0.61 points, p = 4.9e-06: significant with n = 5 (Welch's t-test" in claims
+    assert "task3d_dropout beats task3d_no_dropout: +2.83 ± 0.57 points, p = 0.0078: significant with n = 5 " \
+           "(paired t-test" in claims, claims
+    assert "**Task 3d: dropout reduces overfitting**" in claims, claims
+    assert "training on augmented images minus test is +0.98 points (n = 5), ± 0.18, p = 0.0055" in claims, claims
+    assert "**Task 4a: ResNet18 transfer learning beats the final model** (the report: +8.57 points). Not testable" in claims
 
 
 def test_mlflow_runs_hold_evaluation_metrics(project):
