@@ -420,6 +420,9 @@ class Stack:
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}", f"-s3.config={config.resolve()}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            # One master: no peer to elect, so a restart on its saved raft state need not wait
+            # out the multi-master default of 10 s (measured: start after a stop 15 s -> 3.5 s).
+            "-master.electionTimeout=1s",
             *([f"-s3.cert.file={tls['cert']}", f"-s3.key.file={tls['key']}"] if (tls := self._tls(state)) else [])],
             cwd=security)  # with a certificate the S3 port speaks HTTPS only
         self._save(state)
