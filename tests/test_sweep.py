@@ -75,3 +75,32 @@ def test_a_cluster_sweep_needs_a_tracking_server(monkeypatch, tmp_path):
                                         rf"checkout logs to sqlite:///{tmp_path}/mlflow\.db, which they cannot reach"):
         sweep({"lr": ["0.1"]}, [0], "task3e", "127.0.0.1:6379")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cancelled_sweep_leaves_no_seed_or_parent_running(tmp_path):
+    """After a cancel: a seed still RUNNING is marked KILLED and its parent ended; a parent whose
+    seed had marked itself KILLED before its stage was killed (so before it ended the parent) is
+    ended too; a parent of another experiment's seed, still training, is left alone."""
+    from mlflow.tracking import MlflowClient
+
+    from cifarcnn.sweep import _kill_left_runs
+    from cifarcnn.tracking import PARENT_TAG
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = client.create_experiment("sweep-test", artifact_location=(tmp_path / "artifacts").as_uri())
+
+    def seed(name: str, status: str) -> tuple[str, str]:
+        parent = client.create_run(exp_id, tags={"seeds_parent": "true"}).info.run_id  # RUNNING, as open_parent leaves it
+        run = client.create_run(exp_id, tags={"dvc_exp_name": name, PARENT_TAG: parent}).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(run, status)
+        return parent, run
+
+    lost_parent, lost = seed("lr0.1-seed0", "RUNNING")  # its stage died with it
+    half_parent, half = seed("lr0.2-seed0", "KILLED")  # its stage ended its own run, then was killed
+    other_parent, other = seed("someone-else", "RUNNING")
+    assert _kill_left_runs(client, exp_id, ["lr0.1-seed0", "lr0.2-seed0"], 0, "test") == 1
+    status = {run: client.get_run(run).info.status for run in (lost, lost_parent, half, half_parent, other, other_parent)}
+    assert status == {lost: "KILLED", lost_parent: "FINISHED", half: "KILLED", half_parent: "FINISHED",
+                      other: "RUNNING", other_parent: "RUNNING"}, status
+    assert client.get_run(lost).data.tags["killed_by"] == "test"

@@ -191,18 +191,21 @@ def _source(root: Path, run: str, address: str | None, bundle_dir: Path) -> dict
 
 def _kill_left_runs(client, exp_id: str, names: list[str], since_ms: int, why: str) -> int:
     """Mark the sweep's runs still RUNNING (a lost or cancelled attempt's: DVC tags each run with
-    its experiment's name) KILLED; how many."""
+    its experiment's name) KILLED, and end their parents still RUNNING; how many runs it killed."""
     killed, parents = 0, set()
     for name in names:
-        left = client.search_runs([exp_id], filter_string=f"tags.dvc_exp_name = '{name}' and "
-                                  f"attributes.status = 'RUNNING' and attributes.start_time >= {since_ms}")
-        for run in left:
-            client.set_tag(run.info.run_id, "killed_by", why)
-            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
-            killed += 1
+        for run in client.search_runs([exp_id], filter_string=f"tags.dvc_exp_name = '{name}' and "
+                                      f"attributes.start_time >= {since_ms}"):
             parents.add(run.data.tags.get(PARENT_TAG))
-    for parent in parents - {None}:  # the seeds' parents those attempts left RUNNING
-        end_parent(client, exp_id, parent)
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, "killed_by", why)
+                client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                killed += 1
+    # Of every seed's, not only those killed here: a stage stopped by the cancel may have ended its
+    # own run and been killed before it ended its parent (Ray kills a cancelled worker's processes).
+    for parent in parents - {None}:
+        if client.get_run(parent).info.status == "RUNNING":
+            end_parent(client, exp_id, parent)
     return killed
 
 
