@@ -143,6 +143,52 @@ def stripes_photo(size: int = 224, period: int = 16) -> np.ndarray:
     return img
 
 
+def copy_tracked(repo: Path) -> Path:
+    """This repository's tracked files (as they are in the working tree) copied into ``repo``."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, files.split("\0")):
+        if (root / rel).is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, repo / rel)
+    return repo
+
+
+def set_params(text: str, values: dict[str, str]) -> str:
+    """params.yaml's text with the first ``key: value`` line of each key set, edited line by line
+    (its comments and anchors are part of what DVC rewrites)."""
+    import re
+
+    for key, value in values.items():
+        text, n = re.subn(rf"^(\s*{key}:) \S+", rf"\g<1> {value}", text, count=1, flags=re.M)
+        assert n == 1, key
+    return text
+
+
+def project_env() -> dict[str, str]:
+    """This environment for a scratch project: no MLFLOW_*/DVC_* of the caller's, this Python's
+    tools (dvc, mlflow) first on PATH, a git identity."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               GIT_AUTHOR_NAME="smoke", GIT_AUTHOR_EMAIL="smoke@example.com",
+               GIT_COMMITTER_NAME="smoke", GIT_COMMITTER_EMAIL="smoke@example.com", DVC_NO_ANALYTICS="1")
+    return env
+
+
+def commit_all(repo: Path, env: dict[str, str], message: str) -> None:
+    """``repo`` a new git repository with everything in it committed."""
+    import subprocess
+
+    for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", message]):
+        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+
+
 @contextlib.contextmanager
 def tiny_project(work: Path, runs: list[str] | None = None, task4a_size: int | None = None):
     """The project's tracked files in a new git repo under ``work``, with params shrunk as CI
@@ -150,36 +196,20 @@ def tiny_project(work: Path, runs: list[str] | None = None, task4a_size: int | N
     yields (repo, env) while the data is served. ``env``: this environment without MLFLOW_*/DVC_*.
     ``runs``: keep only these entries of params.yaml's runs; ``task4a_size``: task4a's input size
     (224 by default; 64 trains it in a tenth of the time, as the README's CPU advice)."""
-    import os
     import re
-    import shutil
-    import subprocess
-    import sys
 
     from PIL import Image
 
-    root = Path(__file__).resolve().parents[1]
-    repo = work / "repo"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True).stdout
-    for rel in filter(None, files.split("\0")):
-        if (root / rel).is_file():
-            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / rel, repo / rel)
+    repo = copy_tracked(work / "repo")
     served = work / "served"
     served.mkdir()
     md5 = write_archive(served / "cifar-10-python.tar.gz", n_train=400, n_test=100)
     Image.fromarray(stripes_photo()).save(served / "photo.png")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               GIT_AUTHOR_NAME="smoke", GIT_AUTHOR_EMAIL="smoke@example.com",
-               GIT_COMMITTER_NAME="smoke", GIT_COMMITTER_EMAIL="smoke@example.com", DVC_NO_ANALYTICS="1")
+    env = project_env()
     with serve_directory(served) as url:
-        # Edit the real file line by line: its comments and anchors are part of what DVC rewrites.
-        text = (repo / "params.yaml").read_text()
-        for key, value in [("source", f"{url}/cifar-10-python.tar.gz"), ("md5", md5), ("subset", "300"),
-                           ("max_epochs", "1"), ("resnet_weights", "none"), ("image", f"{url}/photo.png")]:
-            text, n = re.subn(rf"^(\s*{key}:) \S+", rf"\g<1> {value}", text, count=1, flags=re.M)
-            assert n == 1, key
+        text = set_params((repo / "params.yaml").read_text(), {
+            "source": f"{url}/cifar-10-python.tar.gz", "md5": md5, "subset": "300", "max_epochs": "1",
+            "resnet_weights": "none", "image": f"{url}/photo.png"})
         if task4a_size is not None:
             text, n = re.subn(r"^(    input:  # resized per batch on the device\n      size:) 224$", rf"\g<1> {task4a_size}", text,
                               flags=re.M)
@@ -190,6 +220,5 @@ def tiny_project(work: Path, runs: list[str] | None = None, task4a_size: int | N
             assert len(kept) == len(runs), runs
             text = text[:text.index("\nruns:\n") + len("\nruns:\n")] + "".join(kept)
         (repo / "params.yaml").write_text(text)
-        for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
-            subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+        commit_all(repo, env, "tiny project")
         yield repo, env
