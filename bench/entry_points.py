@@ -29,10 +29,8 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from fixtures import commit_all, copy_tracked, project_env, set_params, stripes_photo, tiny_project  # noqa: E402
-from stage_overhead import phases  # noqa: E402
+from stage_overhead import run_clocked  # noqa: E402
 
 SEEDS_COMMAND = "dvc exp run -S 'train.seeds=[0,1,2,3,4]'"
 
@@ -60,18 +58,6 @@ def real_project(work: Path, source: Path, resnet_weights: str, image: Path | No
     env = project_env()
     commit_all(repo, env, "entry-point benchmark")
     yield repo, env
-
-
-def timed(args: list[str], repo: Path, env: dict, clock: Path) -> tuple[float, dict]:
-    """Run one command with the stage clock on; its wall time and its stages' phases."""
-    clock.unlink(missing_ok=True)
-    started = time.time()
-    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    ended = time.time()
-    if proc.returncode:
-        sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    records = [json.loads(line) for line in clock.read_text().splitlines()] if clock.exists() else []
-    return ended - started, phases(records, started, ended)
 
 
 def stage_seconds(stages: dict) -> dict[str, float]:
@@ -101,12 +87,9 @@ def main() -> None:
         project = tiny_project(work) if args.tiny else real_project(work, args.source, args.resnet_weights, args.image)
         with project as (repo, env):
             clock = work / "clock.jsonl"
-            env = {**env, "CIFARCNN_STAGE_CLOCK": str(clock),  # the copy's own code, and the clock's hook
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(repo / "src"), str(ROOT / "bench" / "stageclock"),
-                                                               env.get("PYTHONPATH")]))}
-            repro_s, repro = timed(["dvc", "repro"], repo, env, clock)
+            repro_s, repro = run_clocked(["dvc", "repro"], repo, env, clock)
             print(f"dvc repro: {repro_s:.1f} s ({len(stage_seconds(repro))} stages)", flush=True)
-            seeds_s, seeds = timed(["dvc", "exp", "run", "-S", "train.seeds=[0,1,2,3,4]"], repo, env, clock)
+            seeds_s, seeds = run_clocked(["dvc", "exp", "run", "-S", "train.seeds=[0,1,2,3,4]"], repo, env, clock)
             print(f"{SEEDS_COMMAND}: {seeds_s:.1f} s ({len(stage_seconds(seeds))} stages)", flush=True)
     result = {
         "device": device, "torch": torch.__version__, "python": platform.python_version(),

@@ -56,25 +56,31 @@ def phases(records: list[dict], repro_start: float, repro_end: float) -> dict[st
     return out
 
 
+def run_clocked(args: list[str], repo: Path, env: dict, clock: Path) -> tuple[float, dict]:
+    """Run one command in ``repo`` with every stage process's clock on (bench/stageclock records
+    into ``clock``); its wall time and its stages' phases. The stages import the copy's own
+    package, not the editable install's checkout: the code measured is the code copied."""
+    env = {**env, "CIFARCNN_STAGE_CLOCK": str(clock),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo / "src"), str(ROOT / "bench" / "stageclock"),
+                                                       env.get("PYTHONPATH")]))}
+    clock.unlink(missing_ok=True)
+    started = time.time()
+    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    ended = time.time()
+    if proc.returncode:
+        sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    records = [json.loads(line) for line in clock.read_text().splitlines()] if clock.exists() else []
+    return ended - started, phases(records, started, ended)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="cpu", help="names the JSON: bench/results/stage_overhead_<label>.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, tiny_project(Path(tmp)) as (repo, env):
-        clock = Path(tmp) / "clock.jsonl"
-        # The copy's own package, not the editable install's checkout: the code measured is the code copied.
-        env = {**env, "CIFARCNN_STAGE_CLOCK": str(clock),
-               "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(ROOT / "bench" / "stageclock")])}
         load_before = os.getloadavg()
-        started = time.time()
-        proc = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
-        ended = time.time()
-        if proc.returncode:
-            sys.exit(f"dvc repro failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-        records = [json.loads(line) for line in clock.read_text().splitlines()]
-    stages = phases(records, started, ended)
+        wall, stages = run_clocked(["dvc", "repro"], repo, env, Path(tmp) / "clock.jsonl")
     real = {k: v for k, v in stages.items() if not k.startswith("(")}
-    wall = ended - started
     work = sum(v["work"] for v in stages.values())
     totals = {k: round(sum(v.get(k, 0.0) for v in stages.values()), 2)
               for k in ("dvc_before", "imports", "setup", "work", "finish", "exit", "fixed")}

@@ -6,7 +6,12 @@ import functools
 import hashlib
 import http.server
 import io
+import os
 import pickle
+import re
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -76,9 +81,6 @@ def broken_image_folder(root: Path, case: str) -> Path:
     """An image-folder tree (write_image_folder) broken one way, as a user's own data might be:
     a class missing from train/, an eleventh class, a .webp and a .gif, every image a 16-bit grey
     PNG (of 122 * 256 + 200), a 28x28 image, an empty class folder, a .jpg that is not an image."""
-    import shutil
-
-    import numpy as np
     from PIL import Image
 
     write_image_folder(root)
@@ -145,9 +147,6 @@ def stripes_photo(size: int = 224, period: int = 16) -> np.ndarray:
 
 def copy_tracked(repo: Path) -> Path:
     """This repository's tracked files (as they are in the working tree) copied into ``repo``."""
-    import shutil
-    import subprocess
-
     root = Path(__file__).resolve().parents[1]
     files = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True).stdout
     for rel in filter(None, files.split("\0")):
@@ -160,8 +159,6 @@ def copy_tracked(repo: Path) -> Path:
 def set_params(text: str, values: dict[str, str]) -> str:
     """params.yaml's text with the first ``key: value`` line of each key set, edited line by line
     (its comments and anchors are part of what DVC rewrites)."""
-    import re
-
     for key, value in values.items():
         text, n = re.subn(rf"^(\s*{key}:) \S+", rf"\g<1> {value}", text, count=1, flags=re.M)
         assert n == 1, key
@@ -171,9 +168,6 @@ def set_params(text: str, values: dict[str, str]) -> str:
 def project_env() -> dict[str, str]:
     """This environment for a scratch project: no MLFLOW_*/DVC_* of the caller's, this Python's
     tools (dvc, mlflow) first on PATH, a git identity."""
-    import os
-    import sys
-
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                GIT_AUTHOR_NAME="smoke", GIT_AUTHOR_EMAIL="smoke@example.com",
@@ -183,8 +177,6 @@ def project_env() -> dict[str, str]:
 
 def commit_all(repo: Path, env: dict[str, str], message: str) -> None:
     """``repo`` a new git repository with everything in it committed."""
-    import subprocess
-
     for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", message]):
         subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
 
@@ -196,8 +188,6 @@ def tiny_project(work: Path, runs: list[str] | None = None, task4a_size: int | N
     yields (repo, env) while the data is served. ``env``: this environment without MLFLOW_*/DVC_*.
     ``runs``: keep only these entries of params.yaml's runs; ``task4a_size``: task4a's input size
     (224 by default; 64 trains it in a tenth of the time, as the README's CPU advice)."""
-    import re
-
     from PIL import Image
 
     repo = copy_tracked(work / "repo")
