@@ -94,6 +94,29 @@ def test_second_repro_runs_nothing(project):
     assert up_to_date(status) and "always changed" in status, status
 
 
+def test_editing_the_statistics_reruns_the_report_and_trains_nothing(project):
+    """A cache boundary through the real commands: after an edit to stats.py (the report's
+    statistics), `dvc status` names the code, and `dvc repro` runs the `code` stage, then only the
+    two stages whose scripts use stats.py (`calculations`, `report`), beside the always-run
+    `source`. With the edit undone, nothing trains or evaluates either."""
+    repo, env, _ = project
+    stats = repo / "src" / "cifarcnn" / "stats.py"
+    original = stats.read_text()
+    try:
+        stats.write_text(original + "\n# an edit to the report's statistics\n")
+        status = sh(["dvc", "status"], repo, env)
+        assert re.search(r"^code:\n\s+changed deps:\n\s+modified:\s+src/cifarcnn$", status, re.M), status
+        edited = sh(["dvc", "repro"], repo, env)
+        assert ran_stages(edited)[0] == "code" and set(ran_stages(edited)) == {"code", "source", "calculations", "report"}, edited
+        code = {s: json.loads((repo / "codedeps" / f"{s}.json").read_text()) for s in ("report", "train")}
+        assert "src/cifarcnn/stats.py" in code["report"] and "src/cifarcnn/stats.py" not in code["train"], code
+    finally:
+        stats.write_text(original)
+    undone = sh(["dvc", "repro"], repo, env)
+    assert not [s for s in ran_stages(undone) if s.startswith(("train@", "evaluate@", "visualize"))], undone
+    assert up_to_date(sh(["dvc", "status"], repo, env))
+
+
 def test_exp_run_with_lr_reruns_only_the_final_model(project):
     repo, env, _ = project
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")

@@ -1,14 +1,18 @@
 """Which of the project's modules a script or module imports, directly or transitively.
 
-Read from the source (``ast``), not by importing it. Two users: the test that holds every
-stage's ``deps`` in dvc.yaml to exactly its script's imports (tests/test_deps.py), and the
-resume state, which records a digest of the code training runs so that a change to that code
-discards it.
+Read from the source (``ast``), not by importing it. Two users: the `code` stage, which writes
+codedeps/<stage>.json (the files each stage's script runs, with their digests) so that a stage
+depends on exactly its own code, and the resume state, which records a digest of the code
+training runs so that a change to that code discards it.
+
+A module "runs" a package file when it imports it, or when it names it as code to run (a string
+``"served_model.py"``: the file MLflow runs to build the served model).
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from pathlib import Path
 
 PACKAGE = "cifarcnn"
@@ -16,20 +20,21 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 INIT = PACKAGE_DIR / "__init__.py"
 
 
-def module_file(name: str) -> Path:
+def module_file(name: str, package_dir: Path = PACKAGE_DIR) -> Path:
     """``cifarcnn.training`` -> .../cifarcnn/training.py (``cifarcnn`` -> __init__.py)."""
     parts = name.split(".")[1:]
-    return PACKAGE_DIR.joinpath(*parts).with_suffix(".py") if parts else INIT
+    return package_dir.joinpath(*parts).with_suffix(".py") if parts else package_dir / "__init__.py"
 
 
 def _in_package(name: str) -> bool:
     return name == PACKAGE or name.startswith(PACKAGE + ".")
 
 
-def direct_imports(path: Path) -> set[str]:
-    """The package modules ``path`` imports itself (absolute or relative, anywhere in the file)."""
+def direct_imports(path: Path, package_dir: Path = PACKAGE_DIR) -> set[str]:
+    """The package modules ``path`` imports itself (absolute or relative, anywhere in the file),
+    and those it names as a file to run."""
     tree = ast.parse(Path(path).read_text(encoding="utf-8"), filename=str(path))
-    inside = Path(path).resolve().parent == PACKAGE_DIR
+    inside = Path(path).resolve().parent == package_dir.resolve()
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -43,18 +48,22 @@ def direct_imports(path: Path) -> set[str]:
                 continue
             found.add(base)
             # `from cifarcnn import figures` imports a module; `from .x import name` a name
-            found.update(f"{base}.{a.name}" for a in node.names if module_file(f"{base}.{a.name}").exists())
+            found.update(f"{base}.{a.name}" for a in node.names if module_file(f"{base}.{a.name}", package_dir).exists())
+        elif inside and isinstance(node, ast.Constant) and isinstance(node.value, str):
+            named = re.fullmatch(r"(\w+)\.py", node.value)
+            if named and (package_dir / node.value).exists():
+                found.add(f"{PACKAGE}.{named.group(1)}")
     return found
 
 
-def project_modules(path: str | Path) -> set[Path]:
+def project_modules(path: str | Path, package_dir: Path = PACKAGE_DIR) -> set[Path]:
     """Every package file that running ``path`` imports, transitively (``__init__.py``
-    included: importing any module of the package runs it)."""
+    included: importing any module of the package runs it), in ``package_dir``."""
     seen: set[Path] = set()
     todo = [Path(path)]
     while todo:
-        for name in direct_imports(todo.pop()):
-            for file in (INIT, module_file(name)):
+        for name in direct_imports(todo.pop(), package_dir):
+            for file in (package_dir / "__init__.py", module_file(name, package_dir)):
                 if file.exists() and file not in seen:
                     seen.add(file)
                     todo.append(file)
@@ -67,3 +76,16 @@ def code_digest(module: str) -> str:
     for file in sorted({module_file(module)} | project_modules(module_file(module))):
         digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def stage_code(script: Path, root: Path) -> dict[str, str]:
+    """The files running ``script`` runs, relative to the repository ``root`` (the script and
+    every file of ``root``/src/cifarcnn it imports, transitively) -> the sha256 of each."""
+    files = [script, *project_modules(script, root / "src" / PACKAGE)]
+    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(files, key=lambda f: f.relative_to(root).as_posix())}
+
+
+def stage_scripts(root: Path) -> list[Path]:
+    """Every stage script but the `code` stage's own (a stage is named after its script)."""
+    return [p for p in sorted((root / "stages").glob("*.py")) if p.stem != "code"]
