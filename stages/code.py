@@ -7,7 +7,7 @@ src/cifarcnn/ changes; reads the source (ast), imports nothing of it: stdlib onl
 """
 from pathlib import Path
 
-from cifarcnn.codedeps import stage_code, stage_scripts
+from cifarcnn.codedeps import hashed_scripts, stage_code
 from cifarcnn.errors import cli, stage_args
 from cifarcnn.fsutil import write_json
 
@@ -17,7 +17,7 @@ OUT = Path("codedeps")
 @cli
 def main() -> None:
     root = Path.cwd()
-    scripts = stage_scripts(root)
+    scripts = hashed_scripts(root)
     for script in scripts:
         write_json(OUT / f"{script.stem}.json", stage_code(script, root))
     print(f"wrote {OUT}/<stage>.json for {len(scripts)} stages: {', '.join(s.stem for s in scripts)}")

@@ -22,7 +22,7 @@ from helpers import ROOT
 
 from cifarcnn import cachemap
 from cifarcnn.config import load_params, run_names
-from cifarcnn.codedeps import PACKAGE, direct_imports, project_modules, stage_scripts
+from cifarcnn.codedeps import CODE_STAGE, PACKAGE, direct_imports, hashed_scripts, project_modules
 
 STAGES = cachemap.stage_scripts(ROOT / "dvc.yaml")
 
@@ -30,11 +30,11 @@ STAGES = cachemap.stage_scripts(ROOT / "dvc.yaml")
 @pytest.mark.parametrize("name", list(STAGES))
 def test_each_stage_depends_on_its_own_code_file_and_no_module(name):
     script, listed = STAGES[name]
-    if name == cachemap.CODE_STAGE:
+    if name == CODE_STAGE:
         outs = [next(iter(o)) if isinstance(o, dict) else o
                 for o in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][name]["outs"]]
         assert listed == ["stages", "src/cifarcnn"], listed
-        assert outs == [f"codedeps/{p.stem}.json" for p in stage_scripts(ROOT)], outs
+        assert outs == [f"codedeps/{p.stem}.json" for p in hashed_scripts(ROOT)], outs
     else:
         assert script == f"stages/{name}.py" and listed == [f"codedeps/{name}.json"], (script, listed)
 
@@ -52,9 +52,9 @@ def test_code_stage_hashes_what_each_script_runs_and_an_edit_changes_only_its_st
     shutil.copytree(ROOT / "stages", tmp_path / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "src" / PACKAGE, tmp_path / "src" / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     before = _run_code_stage(tmp_path)
-    assert set(before) == {p.stem for p in stage_scripts(ROOT)}
+    assert set(before) == {p.stem for p in hashed_scripts(ROOT)}
     for stage, files in before.items():
-        assert sorted(files) == sorted(cachemap.code_deps(f"stages/{stage}.py")), stage
+        assert list(files) == cachemap.code_deps(f"stages/{stage}.py"), stage
     assert before == {s: json.loads((ROOT / "codedeps" / f"{s}.json").read_text()) for s in before}, \
         "codedeps/ is stale: run `dvc repro code` and commit it"
     for module, stages in (("stats.py", {"calculations", "report"}), ("serving.py", {"evaluate"}),
@@ -70,7 +70,7 @@ def test_code_stage_hashes_what_each_script_runs_and_an_edit_changes_only_its_st
 
 def test_every_stage_script_has_a_stage():
     assert {s for s, _ in STAGES.values()} == {f"stages/{p.name}" for p in (ROOT / "stages").glob("*.py")}
-    assert {f"stages/{p.name}" for p in stage_scripts(ROOT)} == {s for n, (s, _) in STAGES.items() if n != "code"}
+    assert {f"stages/{p.name}" for p in hashed_scripts(ROOT)} == {s for n, (s, _) in STAGES.items() if n != CODE_STAGE}
 
 
 def test_import_reading_follows_every_form(tmp_path):

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from .codedeps import PACKAGE_DIR, project_modules
+from .codedeps import CODE_STAGE, PACKAGE_DIR, stage_files
 
 ROOT = PACKAGE_DIR.parents[1]
 DVC_YAML = ROOT / "dvc.yaml"
 TABLE = ROOT / "docs" / "cache_boundaries.md"
-CODE_STAGE = "code"  # writes codedeps/<stage>.json; depends on stages/ and src/cifarcnn/ as a whole
 # How a matrix stage is shown (it stands for one stage per run and seed).
 SHOWN = {"train": "train@<run>-<seed>", "evaluate": "evaluate@<run>-<seed>"}
 
@@ -38,8 +37,7 @@ def stage_scripts(dvc_yaml: Path = DVC_YAML) -> dict[str, tuple[str, list[str]]]
 
 def code_deps(script: str) -> list[str]:
     """The script and every package file it runs, transitively (what codedeps/<stage>.json hashes)."""
-    modules = sorted(f"src/cifarcnn/{p.name}" for p in project_modules(ROOT / script))
-    return [script, *modules]
+    return stage_files(ROOT / script, ROOT)
 
 
 def module_stages(dvc_yaml: Path = DVC_YAML) -> dict[str, list[str]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 PACKAGE = "cifarcnn"
 PACKAGE_DIR = Path(__file__).resolve().parent
-INIT = PACKAGE_DIR / "__init__.py"
+CODE_STAGE = "code"  # the stage that writes codedeps/<stage>.json for every other stage
 
 
 def module_file(name: str, package_dir: Path = PACKAGE_DIR) -> Path:
@@ -78,14 +78,17 @@ def code_digest(module: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def stage_files(script: Path, root: Path) -> list[str]:
+    """The files running ``script`` runs, relative to the repository ``root``, sorted: the script
+    and every file of ``root``/src/cifarcnn it imports, transitively."""
+    return sorted(f.relative_to(root).as_posix() for f in [script, *project_modules(script, root / "src" / PACKAGE)])
+
+
 def stage_code(script: Path, root: Path) -> dict[str, str]:
-    """The files running ``script`` runs, relative to the repository ``root`` (the script and
-    every file of ``root``/src/cifarcnn it imports, transitively) -> the sha256 of each."""
-    files = [script, *project_modules(script, root / "src" / PACKAGE)]
-    return {f.relative_to(root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(files, key=lambda f: f.relative_to(root).as_posix())}
+    """:func:`stage_files` -> the sha256 of each (what codedeps/<stage>.json holds)."""
+    return {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in stage_files(script, root)}
 
 
-def stage_scripts(root: Path) -> list[Path]:
+def hashed_scripts(root: Path) -> list[Path]:
     """Every stage script but the `code` stage's own (a stage is named after its script)."""
-    return [p for p in sorted((root / "stages").glob("*.py")) if p.stem != "code"]
+    return [p for p in sorted((root / "stages").glob("*.py")) if p.stem != CODE_STAGE]
