@@ -942,7 +942,7 @@ def test_sweep_runs_each_point_as_a_ray_trial(project):
     assert not [r for r in new if r.info.status == "RUNNING"]
 
 
-def test_ctrl_c_on_a_sweep_cancels_its_trials_and_leaves_every_run_killed(project):
+def test_ctrl_c_on_a_sweep_cancels_its_trials_and_leaves_every_run_killed(project, tmp_path):
     """Ctrl-C (SIGINT) on the sweep's driver while its trials train: it exits in one line, the
     trials stop (no training process is left), the sweep's run and every trial's run are KILLED,
     none is left RUNNING. Runs after the sweep above (which committed the workspace)."""
@@ -951,8 +951,11 @@ def test_ctrl_c_on_a_sweep_cancels_its_trials_and_leaves_every_run_killed(projec
     repo, env, _ = project
     before = {r.info.run_id for r in mlflow_runs(repo)}
     rates = ["0.0017", "0.0019"]
+    trials = tmp_path / "trials"  # this sweep's clones: other tests' trials may train beside it (pytest -n)
+    trials.mkdir()
     driver = subprocess.Popen([sys.executable, "-m", "cifarcnn.sweep", "-S", f"lr={','.join(rates)}"], cwd=repo,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env={**env, "CIFARCNN_TRIAL_DIR": str(trials)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
 
     def trials_training() -> list:
         return [r for r in mlflow_runs(repo) if r.info.run_id not in before and r.info.status == "RUNNING"
@@ -972,8 +975,8 @@ def test_ctrl_c_on_a_sweep_cancels_its_trials_and_leaves_every_run_killed(projec
     lines = [line for line in out.splitlines() if line.strip() and "sweep trials" not in line]
     assert lines[-1] == "error: interrupted (SIGINT)" and "Traceback" not in out, out
     deadline = time.monotonic() + 60
-    while _training_processes():  # the trials' dvc and stages, in their clones
-        assert time.monotonic() < deadline, _training_processes()
+    while _training_processes(trials):  # the trials' dvc and stages, in their clones
+        assert time.monotonic() < deadline, _training_processes(trials)
         time.sleep(0.5)
     new = [r for r in mlflow_runs(repo) if r.info.run_id not in before]
     [parent] = [r for r in new if r.data.tags.get("sweep")]
@@ -984,8 +987,9 @@ def test_ctrl_c_on_a_sweep_cancels_its_trials_and_leaves_every_run_killed(projec
     assert not [r for r in new if r.info.status == "RUNNING"]
 
 
-def _training_processes() -> list[str]:
-    """Command lines of live processes that train or run DVC for a sweep trial (in a trial clone)."""
+def _training_processes(trials: Path) -> list[str]:
+    """Command lines of live processes that train or run DVC for a sweep trial (in a trial clone
+    under ``trials``)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -995,7 +999,7 @@ def _training_processes() -> list[str]:
             cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        if "cifarcnn-trial-" in cwd and ("stages/" in cmd or "dvc" in cmd):
+        if cwd.startswith(f"{trials}/cifarcnn-trial-") and ("stages/" in cmd or "dvc" in cmd):
             found.append(f"{entry.name}: {cmd[:120]}")
     return found
 
