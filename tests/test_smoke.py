@@ -35,6 +35,8 @@ RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_
 def project(tmp_path_factory):
     """A git repo holding the project's tracked files and shrunk params, after its first `dvc repro`."""
     with tiny_project(tmp_path_factory.mktemp("smoke"), task4a_size=64) as (repo, env):
+        # A system-metrics sample every 0.5 s (10 s by default): the tiny runs train for seconds.
+        env = {**env, "CIFARCNN_SYSTEM_METRICS_S": "0.5"}
         first = sh(["dvc", "repro"], repo, env)
         yield repo, env, first
 
@@ -66,6 +68,8 @@ def test_repro_runs_every_stage(project):
         run = runs[f"{name}-0"]
         assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
         assert run.data.tags.get("mlflow.user")  # the UI's "Created by"
+        # MLflow's system-metrics monitor ran on the stage's own run (the UI's System metrics tab)
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
         assert run.data.tags["dvc_stage"] == f"train@{name}-0" and "dvc_exp_name" not in run.data.tags  # `dvc repro`
         parent = client.get_run(run.data.tags["mlflow.parentRunId"])
         assert parent.info.status == "FINISHED"  # its one seed ended (RUNNING while it trained)
