@@ -74,6 +74,9 @@ def test_repro_runs_every_stage(project):
         parent = client.get_run(run.data.tags["mlflow.parentRunId"])
         assert parent.info.status == "FINISHED"  # its one seed ended (RUNNING while it trained)
         assert parent.data.metrics["seeds/n_seeds"] == 1  # the report's aggregates
+        # the UI compares parents by the run's params, all but the seed
+        assert parent.data.params["lr"] == run.data.params["lr"] and parent.data.params["run"] == name
+        assert "train.seed" in run.data.params and "train.seed" not in parent.data.params
         assert parent.inputs.dataset_inputs and parent.data.tags.get("mlflow.user")  # the data its seeds saw, who
         assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
         # Grouped names: the charts view orders its sections (the part before the last "/")
