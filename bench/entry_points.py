@@ -66,6 +66,16 @@ def stage_seconds(stages: dict) -> dict[str, float]:
             for name, p in stages.items() if not name.startswith("(")}
 
 
+def summary(wall: float, phases: dict) -> dict:
+    """Stages, their useful work and fixed cost in all, fixed cost per stage, and wall / work
+    (issue 17's goals: <= 2 s per stage, <= 1.5x)."""
+    stages = {k: v for k, v in phases.items() if not k.startswith("(")}
+    work = sum(p["work"] for p in stages.values())
+    fixed = sum(p["fixed"] for p in phases.values())
+    return {"stages": len(stages), "work_seconds": round(work, 1), "fixed_seconds": round(fixed, 1),
+            "fixed_per_stage": round(fixed / max(len(stages), 1), 2), "wall_over_work": round(wall / work, 2) if work else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, help="a local CIFAR-10 archive, its folder, or an image-folder tree")
@@ -93,8 +103,12 @@ def main() -> None:
             print(f"{SEEDS_COMMAND}: {seeds_s:.1f} s ({len(stage_seconds(seeds))} stages)", flush=True)
     result = {
         "device": device, "torch": torch.__version__, "python": platform.python_version(),
+        # cifarcnn.warm: stages ran in forks of a process with torch and mlflow imported (CIFARCNN_WARM=0: cold)
+        "warm": os.environ.get("CIFARCNN_WARM", "1") != "0",
         "project": "tiny (300 generated images, one epoch)" if args.tiny else f"full ({args.source.name})",
         "runs": {"dvc repro": {"wall_seconds": round(repro_s, 1)}, SEEDS_COMMAND: {"wall_seconds": round(seeds_s, 1)}},
+        "summary": {cmd: summary(wall, phases) for cmd, wall, phases in
+                    (("dvc repro", repro_s, repro), (SEEDS_COMMAND, seeds_s, seeds))},
         "stages": stage_seconds(repro),
         "phases": {"dvc repro": repro, SEEDS_COMMAND: seeds},
     }

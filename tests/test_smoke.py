@@ -34,9 +34,11 @@ RUNS = ["task2", "task3a_model1", "task3a_model2", "task3d_dropout", "task3d_no_
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A git repo holding the project's tracked files and shrunk params, after its first `dvc repro`."""
-    with tiny_project(tmp_path_factory.mktemp("smoke"), task4a_size=64) as (repo, env):
+    work = tmp_path_factory.mktemp("smoke")
+    with tiny_project(work, task4a_size=64) as (repo, env):
         # A system-metrics sample every 0.5 s (10 s by default): the tiny runs train for seconds.
-        env = {**env, "CIFARCNN_SYSTEM_METRICS_S": "0.5"}
+        # The project's own warm-start folder (cifarcnn.warm), so its log is this project's.
+        env = {**env, "CIFARCNN_SYSTEM_METRICS_S": "0.5", "CIFARCNN_WARM_DIR": str(work / "warm")}
         first = sh(["dvc", "repro"], repo, env)
         yield repo, env, first
 
@@ -49,6 +51,12 @@ def test_repro_runs_every_stage(project):
     assert ran[:2] == ["source", "download"] and "split" in ran, ran
     assert "configure" in ran and all(f"train@{run}-0" in ran and f"evaluate@{run}-0" in ran for run in RUNS), ran
     assert {"visualize", "report"} <= set(ran), ran
+    # cifarcnn.warm: the first stage started a server and ran cold; the stages after it was ready ran
+    # in forks of it (one line each in its log), the last of them included, every one successful
+    warm_log = "".join(p.read_text() for p in (Path(env["CIFARCNN_WARM_DIR"])).glob("*.log"))
+    forked = re.findall(r"^\S+ \S+ (stages/\S+\.py.*) \(pid \d+\): (.+) after", warm_log, flags=re.M)
+    assert len(forked) >= 10 and all(end == "exit 0" for _, end in forked), warm_log
+    assert "stages/report.py" in [what for what, _ in forked] and "ready in" in warm_log, warm_log
     checkpoints = sorted((repo / "mlartifacts").rglob("*.pt"))  # one copy per trained seed: inside its logged model
     assert len(checkpoints) == len(RUNS) and all("/models/" in str(p) for p in checkpoints), checkpoints
     summary = {p.stem: json.loads(p.read_text()) for p in (repo / "reports" / "summary").glob("*.json")}
@@ -960,7 +968,10 @@ def test_ctrl_c_on_a_sweep_cancels_its_trials_and_leaves_every_run_killed(projec
     rates = ["0.0017", "0.0019"]
     trials = tmp_path / "trials"  # this sweep's clones: other tests' trials may train beside it (pytest -n)
     trials.mkdir()
-    driver = subprocess.Popen([sys.executable, "-m", "cifarcnn.sweep", "-S", f"lr={','.join(rates)}"], cwd=repo,
+    # Trials that train for a while (40 epochs, no early stop): warm stages take seconds, and one
+    # trial must not finish between its run opening and the Ctrl-C reaching it.
+    driver = subprocess.Popen([sys.executable, "-m", "cifarcnn.sweep", "-S", f"lr={','.join(rates)}",
+                               "-S", "train.max_epochs=40", "-S", "runs.task3e.early_stop_count=1000"], cwd=repo,
                               env={**env, "CIFARCNN_TRIAL_DIR": str(trials)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
 
@@ -996,7 +1007,7 @@ def test_ctrl_c_on_a_sweep_cancels_its_trials_and_leaves_every_run_killed(projec
 
 def _training_processes(trials: Path) -> list[str]:
     """Command lines of live processes that train or run DVC for a sweep trial (in a trial clone
-    under ``trials``)."""
+    under ``trials``): a stage forked by cifarcnn.warm shows its server's command line."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -1006,7 +1017,7 @@ def _training_processes(trials: Path) -> list[str]:
             cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        if cwd.startswith(f"{trials}/cifarcnn-trial-") and ("stages/" in cmd or "dvc" in cmd):
+        if cwd.startswith(f"{trials}/cifarcnn-trial-") and ("stages/" in cmd or "dvc" in cmd or "cifarcnn.warm" in cmd):
             found.append(f"{entry.name}: {cmd[:120]}")
     return found
 

@@ -3,7 +3,8 @@ PYTHONPATH; Python imports it at start-up). Listens to the stages' audit events
 (cifarcnn.errors.STAGE_EVENT: main, work_start, work_end, main_end) and, at exit, appends one
 JSON line to $CIFARCNN_STAGE_CLOCK with epoch seconds for:
 
-- start: the process started (from /proc, 10 ms resolution), before Python ran anything;
+- start: the process started (from /proc, 10 ms resolution), before Python ran anything; under
+  cifarcnn.warm, the process DVC started, which handed the stage to a fork (``forked``: when);
 - main / main_end: the stage's main entered / returned;
 - work: [start, end] of each stretch of useful work;
 - end: the interpreter began to exit.
@@ -19,9 +20,9 @@ import time
 EVENT = "cifarcnn.stage"
 
 
-def _process_start() -> float:
+def _process_start(pid: str = "self") -> float:
     try:
-        with open("/proc/self/stat") as fh:
+        with open(f"/proc/{pid}/stat") as fh:
             ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, clock ticks after boot
         return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError, AttributeError):
@@ -40,6 +41,10 @@ if os.environ.get("CIFARCNN_STAGE_CLOCK"):
             _open.append(now)
         elif args[0] == "work_end" and _open:
             _marks.setdefault("work", []).append([_open.pop(), now])
+        elif args[0] == "forked":  # cifarcnn.warm: this fork runs the stage that process args[1] began
+            _marks.clear()
+            _open.clear()
+            _marks.update(start=_process_start(str(args[1])), forked=now)
         else:
             _marks[args[0]] = now
 

@@ -30,7 +30,7 @@ def stage_scripts(dvc_yaml: Path = DVC_YAML) -> dict[str, tuple[str, list[str]]]
     out = {}
     for name, stage in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
         body = stage.get("do", stage)
-        script = re.search(r"python (stages/\w+\.py)", body["cmd"]).group(1)
+        script = re.search(r"python (?:-m cifarcnn\.warm )?(stages/\w+\.py)", body["cmd"]).group(1)
         out[name] = (script, [d for d in body["deps"] if isinstance(d, str) and d.startswith(("codedeps/", "src/", "stages"))])
     return out
 

@@ -50,6 +50,10 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return name, int(rest[1])
 
 
+# Set by cifarcnn.warm in the fork it runs a stage in: the pid of the process DVC started for the
+# stage (watch_parent takes it out, so that nothing this stage starts inherits it).
+LAUNCHER_ENV = "CIFARCNN_WARM_LAUNCHER"
+
 _ORPHANED = threading.Event()  # set once whoever started this process, or reads its output, is gone
 
 
@@ -83,15 +87,23 @@ def watch_parent(interval_s: float = 1.0) -> None:
 
     DVC does not pass SIGTERM on to the stage it runs: without this, `kill <dvc>` leaves the
     training running as an orphan that writes outputs no dvc.lock records. The parent is DVC, or
-    a shell DVC started (then DVC is watched too). Polled (Linux /proc; elsewhere the parent pid
+    a shell DVC started (then DVC is watched too); under cifarcnn.warm, the parent of the process
+    DVC started (``LAUNCHER_ENV``), not of this fork. Polled (Linux /proc; elsewhere the parent pid
     alone): PR_SET_PDEATHSIG would fire when the *thread* that started us ends, not the process.
     """
-    parent = os.getppid()
-    stat = _stat(parent)
+    me = int(os.environ.pop(LAUNCHER_ENV, 0)) or os.getpid()
+
+    def parent_of_me() -> int | None:
+        if me == os.getpid():
+            return os.getppid()
+        return stat[1] if (stat := _stat(me)) else None
+
+    parent = parent_of_me()
+    stat = _stat(parent) if parent else None
     grandparent = stat[1] if stat and stat[0] in SHELLS else None
 
     def gone() -> str | None:
-        if os.getppid() != parent:  # re-parented: the parent died
+        if parent_of_me() != parent:  # re-parented: the parent died
             return f"the process that started this stage (pid {parent}) is gone"
         if grandparent is not None and ((shell := _stat(parent)) is None or shell[1] != grandparent):
             return f"the process that started this stage (pid {grandparent}) is gone"

@@ -1,0 +1,474 @@
+"""Run a stage script in a process that already has torch and mlflow imported.
+
+    python -m cifarcnn.warm stages/train.py task2 0      # what dvc.yaml runs
+    CIFARCNN_WARM=0 dvc repro                            # every stage in a fresh interpreter
+
+Importing torch, torchvision and mlflow costs a stage process 3-6 s of CPU on a 2-core machine
+(bench/results/tiny_cpu_*.json), more than a tiny stage's work. So the first stage that finds no
+server starts one in the background and runs cold itself; the server imports those libraries
+once, and every later stage (same Python, same packages, same PYTHON*/LC_*/LANG environment)
+is a fork of it, like multiprocessing's forkserver or Android's zygote. The fork gets the
+stage's argv, working directory, environment, umask and stdin/stdout/stderr (the file
+descriptors themselves), imports the project's modules afresh from the stage's own sys.path
+(an edit is never served stale), and runs the script as ``__main__``. This process stays the
+stage for DVC: it forwards SIGINT/SIGTERM/SIGHUP to the fork and ends with the fork's status (a
+fork killed by a signal kills this process with the same signal). If this process dies (SIGKILL
+included), the server SIGKILLs the fork at once.
+
+The server listens on a Unix socket in a folder only this user can open (checked), answers
+only this user's processes (SO_PEERCRED), and exits after CIFARCNN_WARM_IDLE_S (default 60)
+seconds with no stage. Its log, a line per stage, is ``<folder>/<key>.log``; the folder is
+$CIFARCNN_WARM_DIR or /tmp/cifarcnn-warm-<uid>. Nothing here imports a project module, so the
+launcher is not a dependency of any stage (editing it re-runs nothing).
+"""
+from __future__ import annotations
+
+import array
+import fcntl
+import hashlib
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PRELOAD = ("torch", "torchvision", "mlflow", "matplotlib", "matplotlib.pyplot")  # what a stage would import cold
+IDLE_S = float(os.environ.get("CIFARCNN_WARM_IDLE_S", "60"))  # seconds with no stage before the server exits
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+LAUNCHER_ENV = "CIFARCNN_WARM_LAUNCHER"  # in a fork: the pid of the process DVC started for it (errors.py reads it)
+_LEN = struct.Struct("!I")
+
+
+# --- where the server lives ------------------------------------------------------------------
+
+def _folder() -> Path | None:
+    """The socket folder, made 0700 and checked to be this user's alone; None when it is not."""
+    folder = Path(os.environ.get("CIFARCNN_WARM_DIR") or f"/tmp/cifarcnn-warm-{os.getuid()}")
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.lstat()
+    except OSError:
+        return None
+    import stat as _stat
+    if not _stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None  # someone else could connect to (or replace) the socket: run cold
+    if len(os.fsencode(folder.resolve())) + len("/0123456789abcdef.sock") >= 108:
+        return None  # longer than a Unix socket's path may be (sun_path)
+    return folder
+
+
+def _key(path: list[str]) -> str:
+    """What a fork inherits from the server and cannot change: the interpreter, its flags, the
+    import path and the preloaded packages' files (an upgrade starts a new server), the
+    environment that Python and libc read at start-up, and this launcher's own code."""
+    stamps = []
+    for name in ("torch", "torchvision", "mlflow", "matplotlib"):
+        try:
+            import importlib.util
+            spec = importlib.util.find_spec(name)
+            origin = spec.origin if spec else None
+            stamps.append((name, origin, os.stat(origin).st_mtime_ns if origin else None))
+        except (ImportError, ValueError, OSError):
+            stamps.append((name, None, None))
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("PYTHON", "LC_", "LANG")))
+    mine = Path(__file__).read_bytes()
+    blob = json.dumps([os.path.realpath(sys.executable), sys.version, list(sys.flags), path, stamps, env,
+                       hashlib.sha256(mine).hexdigest()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- messages: a 4-byte length, then JSON ----------------------------------------------------
+
+def _send(sock: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
+    data = json.dumps(obj).encode()
+    data = _LEN.pack(len(data)) + data
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        data, ancdata, _, _ = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(16 * array.array("i").itemsize))
+        for level, kind, raw in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(raw[:len(raw) - len(raw) % got.itemsize])
+                fds.extend(got)
+        if not data:
+            raise EOFError
+        buf += data
+    return buf
+
+
+def _recv(sock: socket.socket) -> tuple[dict, list[int]]:
+    fds: list[int] = []
+    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size, fds))
+    return json.loads(_recv_exact(sock, n, fds)), fds
+
+
+# --- the stage's side ------------------------------------------------------------------------
+
+def _cold(argv: list[str]) -> None:
+    """Become the stage in a fresh interpreter, as if DVC had run `python <script> ...`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *argv])
+
+
+def _start_server(folder: Path, key: str, path: list[str]) -> None:
+    """Start the server in the background, unless one is starting (it holds <key>.lock)."""
+    try:
+        with open(folder / f"{key}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: no server holds it
+    except OSError:
+        return
+    env = dict(os.environ)  # the server must import cifarcnn.warm from "/" as the stage would from its folder
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+    with open(folder / f"{key}.log", "ab") as log:
+        subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", "--serve", str(folder), key], cwd="/", env=env,
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
+
+
+def launch(argv: list[str]) -> None:
+    """Run ``argv`` (a script and its arguments) in a fork of the warm server, or cold."""
+    path = [os.path.abspath(p) for p in sys.path[1:]]  # sys.path[0] is the folder `-m` ran from
+    folder = _folder() if os.environ.get("CIFARCNN_WARM", "1") != "0" else None
+    if folder is None:
+        _cold(argv)
+    key = _key(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(folder / f"{key}.sock"))
+    except OSError:
+        sock.close()
+        _start_server(folder, key, path)
+        _cold(argv)
+    request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": path, "pid": os.getpid(),
+               "umask": _umask()}
+    child: list[int] = []  # the fork's pid, once the server has told it
+    pending: list[int] = []  # signals that came before that
+
+    def forward(signum: int, _frame) -> None:
+        if not child:
+            pending.append(signum)
+            return
+        try:
+            os.kill(child[0], signum)
+        except OSError:
+            pass
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    try:
+        _send(sock, request, [0, 1, 2])
+        reply, _ = _recv(sock)
+    except (OSError, EOFError):
+        sock.close()
+        if pending:  # stopped before anything ran
+            os._exit(128 + pending[0])
+        _cold(argv)  # the server went away before it forked: nothing ran yet
+    child.append(reply["pid"])
+    for signum in pending:
+        forward(signum, None)
+    try:
+        status = _recv(sock)[0]["status"]
+    except (OSError, EOFError):
+        try:
+            os.kill(child[0], signal.SIGKILL)
+        except OSError:
+            pass
+        print(f"error: the warm-start server died while it ran {argv[0]}; run again (CIFARCNN_WARM=0 runs "
+              "every stage in a fresh interpreter)", file=sys.stderr)
+        os._exit(1)
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        if signum != signal.SIGKILL:
+            signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        os._exit(128 + signum)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# --- the server's side -----------------------------------------------------------------------
+
+def _log(msg: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def serve(folder: Path, key: str) -> None:
+    lock = open(folder / f"{key}.lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # another server for this key is starting or running
+    started = time.monotonic()
+    import importlib
+    import matplotlib
+    matplotlib.use("Agg")  # what cifarcnn.figures sets: stages are headless
+    for name in PRELOAD:
+        importlib.import_module(name)
+    sock_path = folder / f"{key}.sock"
+    sock_path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(64)
+    inode = sock_path.stat().st_ino
+    _log(f"server {os.getpid()} ready in {time.monotonic() - started:.1f} s ({', '.join(PRELOAD)} imported)")
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ, "accept")
+    sel.register(wake_r, selectors.EVENT_READ, "child")
+    running: dict[int, tuple[socket.socket, str, float]] = {}  # fork pid -> (its stage's socket, what, start)
+    idle_since = time.monotonic()
+    while running or time.monotonic() - idle_since < IDLE_S:
+        for sk, _ in sel.select(timeout=1.0):
+            if sk.data == "accept":
+                conn, _ = listener.accept()
+                uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+                if uid != os.getuid():
+                    conn.close()
+                    continue
+                try:
+                    conn.settimeout(10)
+                    request, fds = _recv(conn)
+                    conn.settimeout(None)
+                except (OSError, EOFError, ValueError):
+                    conn.close()
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    sel.close()
+                    for fd in (listener.fileno(), wake_r, wake_w, conn.fileno(), lock.fileno()):
+                        os.close(fd)
+                    for other, _, _ in running.values():
+                        if other is not None:
+                            os.close(other.fileno())
+                    _run(request, fds)  # never returns
+                for fd in fds:
+                    os.close(fd)
+                what = " ".join(request["argv"])
+                running[pid] = (conn, what, time.monotonic())
+                sel.register(conn, selectors.EVENT_READ, pid)
+                _send(conn, {"pid": pid})
+            elif sk.data == "child":
+                while True:
+                    try:
+                        os.read(wake_r, 512)
+                    except BlockingIOError:
+                        break
+                while True:
+                    try:
+                        pid, status = os.waitpid(-1, os.WNOHANG)
+                    except ChildProcessError:
+                        break
+                    if pid == 0:
+                        break
+                    conn, what, began = running.pop(pid, (None, "?", time.monotonic()))
+                    _log(f"{what} (pid {pid}): {_describe(status)} after {time.monotonic() - began:.1f} s")
+                    if conn is not None:  # None: its stage process went first
+                        sel.unregister(conn)
+                        try:
+                            _send(conn, {"status": status})
+                        except OSError:
+                            pass
+                        conn.close()
+            else:  # a stage's socket is readable: its process ended (EOF), so its fork must too
+                try:
+                    gone = not sk.fileobj.recv(1)
+                except OSError:
+                    gone = True
+                if gone:
+                    sel.unregister(sk.fileobj)
+                    sk.fileobj.close()
+                    running[sk.data] = (None, *running[sk.data][1:])
+                    try:
+                        os.kill(sk.data, signal.SIGKILL)
+                    except OSError:
+                        pass
+                    _log(f"pid {sk.data}: its stage process is gone; SIGKILL")
+        if running:
+            idle_since = time.monotonic()
+        try:
+            if sock_path.stat().st_ino != inode:
+                break  # another server took the socket over
+        except OSError:
+            break  # the socket was removed: stop taking stages
+    try:
+        if sock_path.stat().st_ino == inode:
+            sock_path.unlink()
+    except OSError:
+        pass
+    _log(f"server {os.getpid()} exits: idle for {IDLE_S:.0f} s")
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+def _run(request: dict, fds: list[int]) -> None:
+    """In the fork: become the stage the request describes, run its script, exit with its status."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for target, fd in zip((0, 1, 2), fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        _reopen_stdio(request["env"])
+        os.chdir(request["cwd"])
+        os.umask(request["umask"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        script = request["argv"][0]
+        _name_process(os.path.basename(script))
+        sys.argv = list(request["argv"])
+        sys.path[:] = [os.path.dirname(os.path.abspath(script)), *request["path"]]
+        for name in [m for m in sys.modules if m == "cifarcnn" or m.startswith("cifarcnn.")]:
+            del sys.modules[name]  # the project's code comes from the stage's own path, as it is now
+        import importlib
+        importlib.invalidate_caches()
+        import random
+        random.seed()
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed()  # a fresh process draws a fresh global state too
+        sys.audit("cifarcnn.stage", "forked", request["pid"])  # bench/stageclock: the stage began in that pid
+        os.environ[LAUNCHER_ENV] = str(request["pid"])  # errors.watch_parent watches that process's parent
+        try:
+            _run_main(os.path.abspath(script))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            if exit_.code is not None and not isinstance(exit_.code, int):
+                print(exit_.code, file=sys.stderr)
+        except KeyboardInterrupt as err:
+            _traceback(err)
+            _finish()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)  # as Python does: killed by SIGINT
+        except BaseException as err:  # noqa: BLE001 - a script's uncaught error: its traceback, exit 1
+            _traceback(err)
+            code = 1
+        _finish()
+    except BaseException as err:  # noqa: BLE001 - setting up the fork failed (a folder gone, say): say so
+        try:
+            print(f"error: cifarcnn.warm could not run {request.get('argv')} ({err!r}); CIFARCNN_WARM=0 runs it "
+                  "in a fresh interpreter", file=sys.stderr, flush=True)
+        except BaseException:  # noqa: BLE001
+            pass
+    finally:
+        os._exit(code)
+
+
+def _name_process(name: str) -> None:
+    """Show the stage's script as this fork's name in top and `ps -o comm` (its argv stays the
+    server's: Linux keeps that in the process's memory, which a fork shares)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_main(path: str) -> None:
+    """Run the script at ``path`` as ``__main__``, as `python <script>` does: ``__file__`` is
+    absolute and sys.argv[0] stays as given (runpy.run_path would rewrite it)."""
+    import builtins
+    import importlib.machinery
+    import types
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=path, __builtins__=builtins, __cached__=None, __package__=None, __spec__=None,
+                         __loader__=importlib.machinery.SourceFileLoader("__main__", path))
+    sys.modules["__main__"] = main
+    with open(path, "rb") as fh:
+        code = compile(fh.read(), path, "exec")
+    exec(code, main.__dict__)
+
+
+def _traceback(err: BaseException) -> None:
+    """The traceback Python prints for an uncaught error, from the script's first frame on."""
+    import traceback
+    tb = err.__traceback__
+    while tb is not None and (tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>")
+                              or tb.tb_frame.f_code.co_filename.endswith("runpy.py")):
+        tb = tb.tb_next
+    traceback.print_exception(type(err), err, tb or err.__traceback__)
+
+
+def _finish() -> None:
+    """What a normal interpreter exit does that matters here: join threads, atexit, flush."""
+    import atexit
+    import threading
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        pass
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _reopen_stdio(env: dict) -> None:
+    """New sys.stdin/stdout/stderr over fds 0-2, buffered as Python would for them."""
+    import io
+    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        old = getattr(sys, name)
+        try:
+            old.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+        try:
+            raw = io.FileIO(fd, mode, closefd=False)
+        except OSError:
+            continue
+        tty = raw.isatty()
+        binary = io.BufferedReader(raw) if mode == "r" else io.BufferedWriter(raw)
+        stream = io.TextIOWrapper(binary, encoding=getattr(old, "encoding", None) or "utf-8",
+                                  errors=getattr(old, "errors", None) or "strict",
+                                  line_buffering=mode == "w" and (tty or name == "stderr"),
+                                  write_through=mode == "w" and unbuffered)
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--serve"] and len(argv) == 3:
+        serve(Path(argv[1]), argv[2])
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: python -m cifarcnn.warm <script> [args...]\n\n{__doc__.strip()}")
+        sys.exit(0 if argv else 2)
+    launch(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

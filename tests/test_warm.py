@@ -1,0 +1,223 @@
+"""cifarcnn.warm: a stage run through `python -m cifarcnn.warm <script>` behaves as `python <script>`
+would (argv, folder, environment, umask, stdin/stdout/stderr, exit status, signals, tracebacks),
+only without importing torch and mlflow itself once a server is up. The smoke project runs every
+stage of `dvc repro` this way (tests/test_smoke.py checks the server's log)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import os, sys, time
+warm = "torch" in sys.modules  # before anything here imports it: only a fork of the server has it
+import cifarcnn.errors
+print("warm" if warm else "cold", repr(sys.argv), os.getcwd(), os.environ.get("WARM_TEST"), oct(os.umask(0)),
+      sys.path[0], getattr(cifarcnn.errors, "MARK", None), cifarcnn.errors.__file__, sep="|")
+print("to stderr", file=sys.stderr)
+what = sys.argv[1] if len(sys.argv) > 1 else ""
+if what == "stdin":
+    print("read", sys.stdin.read().strip())
+elif what == "fail":
+    raise ValueError("boom")
+elif what == "exit3":
+    sys.exit(3)
+elif what == "sleep":
+    open("pid", "w").write(str(os.getpid()))
+    time.sleep(120)
+elif what == "watch":  # a stage: errors.cli watches whoever started it
+    @cifarcnn.errors.cli
+    def main():
+        open("pid", "w").write(f"{os.getpid()} {os.environ.get('CIFARCNN_WARM_LAUNCHER')}")
+        time.sleep(120)
+    main()
+"""
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """A project folder with the script, its own copy of cifarcnn (so its modules can be edited), a
+    socket folder of its own, and a warm server for them."""
+    base = tmp_path_factory.mktemp("warm")
+    src = base / "src" / "cifarcnn"
+    src.mkdir(parents=True)
+    for name in ("__init__.py", "warm.py", "errors.py"):
+        shutil.copy(ROOT / "src" / "cifarcnn" / name, src / name)
+    work = base / "work"
+    work.mkdir()
+    (work / "s.py").write_text(SCRIPT)
+    folder = base / "w"
+    env = {**os.environ, "PYTHONPATH": str(base / "src"), "CIFARCNN_WARM_DIR": str(folder),
+           "CIFARCNN_WARM_IDLE_S": "60"}
+    env.pop("CIFARCNN_WARM", None)
+    first = run(work, env)
+    assert first.returncode == 0 and first.stdout.startswith("cold|"), first  # no server yet: it runs cold...
+    deadline = time.monotonic() + 300
+    while not list(folder.glob("*.sock")):  # ...and starts one
+        assert time.monotonic() < deadline, _logs(folder)
+        time.sleep(0.2)
+    yield work, env, folder, src
+    for sock in folder.glob("*.sock"):
+        sock.unlink()  # the server sees its socket gone and exits within a second
+
+
+def run(work: Path, env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifarcnn.warm", "s.py", *args], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+def _logs(folder: Path) -> str:
+    return "".join(p.read_text() for p in folder.glob("*.log"))
+
+
+def fields(proc: subprocess.CompletedProcess) -> list[str]:
+    return proc.stdout.splitlines()[0].split("|")
+
+
+def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_streams(warm):
+    work, env, folder, src = warm
+    proc = run(work, {**env, "WARM_TEST": "x y"}, "stdin", "two words", input="from stdin\n")
+    assert proc.returncode == 0, proc
+    mode, argv, cwd, var, umask, path0, _, module = fields(proc)
+    assert mode == "warm", _logs(folder)
+    assert argv == repr(["s.py", "stdin", "two words"]) and cwd == str(work) and var == "x y"
+    assert umask == oct(_umask())
+    assert path0 == str(work)  # the script's folder first, as `python s.py` has it
+    assert module == str(src / "errors.py")  # the project's modules from the stage's own path
+    assert proc.stdout.splitlines()[1] == "read from stdin" and proc.stderr == "to stderr\n"
+    proc = subprocess.run(["sh", "-c", "umask 077 && exec \"$0\" -m cifarcnn.warm s.py", sys.executable],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert fields(proc)[0] == "warm" and fields(proc)[4] == oct(0o077)
+    assert "s.py stdin two words (pid " in _logs(folder) and ": exit 0 after" in _logs(folder)
+
+
+def test_an_edited_project_module_is_never_served_stale(warm):
+    work, env, _, src = warm
+    errors = src / "errors.py"
+    before = errors.read_text()
+    try:
+        errors.write_text(before + "\nMARK = 'edited'\n")
+        proc = run(work, env)
+        assert fields(proc)[0] == "warm" and fields(proc)[6] == "edited"
+    finally:
+        errors.write_text(before)
+    assert fields(run(work, env))[6] == "None"
+
+
+def test_exit_status_and_traceback_are_the_scripts(warm):
+    work, env, _, _ = warm
+    failed = run(work, env, "fail")
+    assert failed.returncode == 1 and fields(failed)[0] == "warm"
+    lines = failed.stderr.splitlines()
+    assert lines[1] == "Traceback (most recent call last):" and lines[2].startswith(f'  File "{work / "s.py"}"'), \
+        failed.stderr  # from the script's own frame, as Python prints it: nothing of the launcher
+    assert lines[-1] == "ValueError: boom" and "warm.py" not in failed.stderr
+    assert run(work, env, "exit3").returncode == 3
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL", "fork SIGTERM", "fork SIGKILL"])
+def test_signals_reach_the_fork_and_its_end_is_the_stages(warm, how):
+    """Ctrl-C and kill on the process DVC started reach the fork; a fork killed by a signal ends
+    that process with the same signal; and if that process is SIGKILLed, so is the fork."""
+    work, env, folder, _ = warm
+    (work / "pid").unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", "s.py", "sleep"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (work / "pid").exists() or not (work / "pid").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, _logs(folder)
+        time.sleep(0.05)
+    fork = int((work / "pid").read_text())
+    assert fork != proc.pid and Path(f"/proc/{fork}/comm").read_text() == "s.py\n"  # its name in top
+    signum = getattr(signal, how.split()[-1])
+    os.kill(fork if how.startswith("fork") else proc.pid, signum)
+    assert proc.wait(timeout=60) == -signum
+    while Path(f"/proc/{fork}").exists() and _state(fork) != "Z":
+        assert time.monotonic() < deadline, f"the fork {fork} outlived {how}"
+        time.sleep(0.05)
+    if how == "SIGINT":
+        assert proc.stderr.read().rstrip().endswith("KeyboardInterrupt")
+
+
+def test_a_forked_stage_stops_when_whoever_started_it_is_gone(warm, tmp_path):
+    """errors.watch_parent in a fork watches the parent of the process DVC started (here a shell),
+    not the server: kill -9 the shell and the stage stops on its own, saying why."""
+    work, env, folder, _ = warm
+    (work / "pid").unlink(missing_ok=True)
+    err = tmp_path / "stderr"
+    with open(err, "w") as fh:
+        shell = subprocess.Popen(["sh", "-c", f"{sys.executable} -m cifarcnn.warm s.py watch; true"], cwd=work,
+                                 env=env, stdout=subprocess.DEVNULL, stderr=fh)
+    deadline = time.monotonic() + 60
+    while not (work / "pid").exists() or not (work / "pid").read_text():
+        assert time.monotonic() < deadline and shell.poll() is None, _logs(folder)
+        time.sleep(0.05)
+    fork, launcher = (work / "pid").read_text().split()
+    fork = int(fork)
+    assert launcher == "None"  # watch_parent took it out: nothing the stage starts inherits it
+    os.kill(shell.pid, signal.SIGKILL)
+    shell.wait()
+    while Path(f"/proc/{fork}").exists() and _state(fork) != "Z":
+        assert time.monotonic() < deadline, f"the fork {fork} outlived the shell that started its stage"
+        time.sleep(0.1)
+    assert f"error: the process that started this stage (pid {shell.pid}) is gone; stopping" in err.read_text()
+    assert "error: stopped by SIGTERM" in err.read_text()
+
+
+def test_the_launchers_variable_is_the_one_errors_reads():
+    from cifarcnn import errors, warm
+
+    assert warm.LAUNCHER_ENV == errors.LAUNCHER_ENV
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def test_cold_when_switched_off_or_the_folder_is_not_private(warm, tmp_path):
+    work, env, _, _ = warm
+    assert fields(run(work, {**env, "CIFARCNN_WARM": "0"}))[0] == "cold"
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)  # others could reach a socket here
+    proc = run(work, {**env, "CIFARCNN_WARM_DIR": str(shared)})
+    assert proc.returncode == 0 and fields(proc)[0] == "cold"
+    time.sleep(1)
+    assert not list(shared.iterdir()), "no server is started where others could connect to it"
+
+
+def test_the_server_exits_when_idle(warm, tmp_path):
+    work, env, _, _ = warm
+    folder = tmp_path / "idle"
+    env = {**env, "CIFARCNN_WARM_DIR": str(folder), "CIFARCNN_WARM_IDLE_S": "1"}
+    assert fields(run(work, env))[0] == "cold"
+    deadline = time.monotonic() + 300
+    while "exits: idle for 1 s" not in _logs(folder):
+        assert time.monotonic() < deadline, _logs(folder)
+        time.sleep(0.2)
+    assert not list(folder.glob("*.sock")) and "ready in" in _logs(folder)
+
+
+def test_every_dvc_stage_runs_through_the_launcher():
+    import yaml
+
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        cmd = stage.get("do", stage)["cmd"]
+        assert cmd.startswith(f"python -m cifarcnn.warm stages/{name}.py"), (name, cmd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
