@@ -21,7 +21,8 @@ import os, sys, time
 warm = "torch" in sys.modules  # before anything here imports it: only a fork of the server has it
 import cifarcnn.errors
 print("warm" if warm else "cold", repr(sys.argv), os.getcwd(), os.environ.get("WARM_TEST"), oct(os.umask(0)),
-      sys.path[0], getattr(cifarcnn.errors, "MARK", None), cifarcnn.errors.__file__, sep="|")
+      sys.path[0], getattr(cifarcnn.errors, "MARK", None), cifarcnn.errors.__file__, sorted(os.sched_getaffinity(0)),
+      sep="|")
 print("to stderr", file=sys.stderr)
 what = sys.argv[1] if len(sys.argv) > 1 else ""
 if what == "stdin":
@@ -86,7 +87,7 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_s
     work, env, folder, src = warm
     proc = run(work, {**env, "WARM_TEST": "x y"}, "stdin", "two words", input="from stdin\n")
     assert proc.returncode == 0, proc
-    mode, argv, cwd, var, umask, path0, _, module = fields(proc)
+    mode, argv, cwd, var, umask, path0, _, module, _ = fields(proc)
     assert mode == "warm", _logs(folder)
     assert argv == repr(["s.py", "stdin", "two words"]) and cwd == str(work) and var == "x y"
     assert umask == oct(_umask())
@@ -96,6 +97,8 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_s
     proc = subprocess.run(["sh", "-c", "umask 077 && exec \"$0\" -m cifarcnn.warm s.py", sys.executable],
                           cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert fields(proc)[0] == "warm" and fields(proc)[4] == oct(0o077)
+    one_cpu = run(work, env, preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # `taskset -c 0`, a job's binding
+    assert fields(one_cpu)[0] == "warm" and fields(one_cpu)[8] == "[0]"
     assert "s.py stdin two words (pid " in _logs(folder) and ": exit 0 after" in _logs(folder)
 
 

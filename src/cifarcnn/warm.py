@@ -37,7 +37,10 @@ import sys
 import time
 from pathlib import Path
 
-PRELOAD = ("torch", "torchvision", "mlflow", "matplotlib", "matplotlib.pyplot")  # what a stage would import cold
+# What stages would import cold, and MLflow's sqlite store (sqlalchemy, alembic), which it imports
+# on first use: 4-5 s of CPU once here instead of in every stage (scipy.stats: the report's tests).
+PRELOAD = ("torch", "torchvision", "mlflow", "matplotlib", "matplotlib.pyplot", "scipy.stats", "mlflow.pyfunc",
+           "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils")
 IDLE_S = float(os.environ.get("CIFARCNN_WARM_IDLE_S", "60"))  # seconds with no stage before the server exits
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 LAUNCHER_ENV = "CIFARCNN_WARM_LAUNCHER"  # in a fork: the pid of the process DVC started for it (errors.py reads it)
@@ -65,7 +68,8 @@ def _folder() -> Path | None:
 def _key(path: list[str]) -> str:
     """What a fork inherits from the server and cannot change: the interpreter, its flags, the
     import path and the preloaded packages' files (an upgrade starts a new server), the
-    environment that Python and libc read at start-up, and this launcher's own code."""
+    environment that Python and libc read at start-up, the control group and nice value, and this
+    launcher's own code."""
     stamps = []
     for name in ("torch", "torchvision", "mlflow", "matplotlib"):
         try:
@@ -76,9 +80,13 @@ def _key(path: list[str]) -> str:
         except (ImportError, ValueError, OSError):
             stamps.append((name, None, None))
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("PYTHON", "LC_", "LANG")))
+    try:  # a batch job's own cgroup (its CPU, memory and device limits): never another job's server
+        cgroup = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        cgroup = ""
     mine = Path(__file__).read_bytes()
-    blob = json.dumps([os.path.realpath(sys.executable), sys.version, list(sys.flags), path, stamps, env,
-                       hashlib.sha256(mine).hexdigest()])
+    blob = json.dumps([os.path.realpath(sys.executable), sys.version, list(sys.flags), path, stamps, env, cgroup,
+                       os.getpriority(os.PRIO_PROCESS, 0), hashlib.sha256(mine).hexdigest()])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -153,7 +161,7 @@ def launch(argv: list[str]) -> None:
         _start_server(folder, key, path)
         _cold(argv)
     request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": path, "pid": os.getpid(),
-               "umask": _umask()}
+               "umask": _umask(), "cpus": sorted(os.sched_getaffinity(0))}
     child: list[int] = []  # the fork's pid, once the server has told it
     pending: list[int] = []  # signals that came before that
 
@@ -217,11 +225,18 @@ def serve(folder: Path, key: str) -> None:
     except OSError:
         return  # another server for this key is starting or running
     started = time.monotonic()
+    # Should anything ask torch.cuda.is_available() here, NVML answers: the CUDA driver, once
+    # initialised, does not work in a fork (each stage's fork initialises its own).
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import importlib
     import matplotlib
     matplotlib.use("Agg")  # what cifarcnn.figures sets: stages are headless
     for name in PRELOAD:
         importlib.import_module(name)
+    if sys.modules["torch"].cuda.is_initialized():  # hold the lock, take no stage: they run cold meanwhile
+        _log(f"torch initialised CUDA while importing: a fork could not use it; stages run cold for {IDLE_S:.0f} s")
+        time.sleep(IDLE_S)
+        return
     sock_path = folder / f"{key}.sock"
     sock_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -343,6 +358,7 @@ def _run(request: dict, fds: list[int]) -> None:
         _reopen_stdio(request["env"])
         os.chdir(request["cwd"])
         os.umask(request["umask"])
+        os.sched_setaffinity(0, request["cpus"])  # taskset / a job's CPU binding
         os.environ.clear()
         os.environ.update(request["env"])
         script = request["argv"][0]
