@@ -70,6 +70,14 @@ def training_runs(client, experiment: str) -> list:
 ALWAYS_RUN = {"source"}  # dvc.yaml's always_changed stage: it looks at data.source's files
 
 
+def proc_state(pid: int) -> str:
+    """A process's state letter from /proc (``Z``: a zombie, it has ended), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
 def up_to_date(status: str) -> bool:
     """`dvc status` reports nothing stale but the always-run `source` stage."""
     import re

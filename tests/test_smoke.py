@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 from fixtures import tiny_project
-from helpers import (merged, queue_status, ran_stages, sh, start_queue, training_runs, up_to_date,
+from helpers import (merged, proc_state, queue_status, ran_stages, sh, start_queue, training_runs, up_to_date,
                      wait_for_queue)
 from mlflow.tracking import MlflowClient
 
+from cifarcnn.fsutil import current_umask
 from cifarcnn.teamstack import free_port
 
 pytestmark = pytest.mark.smoke
@@ -644,29 +645,16 @@ def kill_stage_process(repo: Path, marker: str, when) -> None:
         time.sleep(0.02)
     pid = _stage_pids(repo, marker)[0]  # the stage itself; a forked helper would be younger
     os.kill(pid, signal.SIGKILL)
-    while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
+    while Path(f"/proc/{pid}").exists() and "Z" not in proc_state(pid):
         assert time.time() < deadline, f"process {pid} ({marker}) outlived SIGKILL"
         time.sleep(0.02)
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "gone"
 
 
 def test_output_files_follow_the_umask(project):
     repo, env, _ = project
     for rel in ("results/task2/seed0/train.json", "results/task2/seed0/curves.csv", "reports/report.md",
                 "results/task2/seed0/eval.json", "configs/task2.json"):
-        assert (repo / rel).stat().st_mode & 0o777 == 0o666 & ~_umask(), rel
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        assert (repo / rel).stat().st_mode & 0o777 == 0o666 & ~current_umask(), rel
 
 
 def test_dvc_stopped_mid_training_marks_the_run_killed_and_resumes_it(project):

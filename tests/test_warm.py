@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import proc_state
+
+from cifarcnn.fsutil import current_umask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +93,7 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_s
     mode, argv, cwd, var, umask, path0, _, module, _ = fields(proc)
     assert mode == "warm", _logs(folder)
     assert argv == repr(["s.py", "stdin", "two words"]) and cwd == str(work) and var == "x y"
-    assert umask == oct(_umask())
+    assert umask == oct(current_umask())
     assert path0 == str(work)  # the script's folder first, as `python s.py` has it
     assert module == str(src / "errors.py")  # the project's modules from the stage's own path
     assert proc.stdout.splitlines()[1] == "read from stdin" and proc.stderr == "to stderr\n"
@@ -143,7 +146,7 @@ def test_signals_reach_the_fork_and_its_end_is_the_stages(warm, how):
     signum = getattr(signal, how.split()[-1])
     os.kill(fork if how.startswith("fork") else proc.pid, signum)
     assert proc.wait(timeout=60) == -signum
-    while Path(f"/proc/{fork}").exists() and _state(fork) != "Z":
+    while Path(f"/proc/{fork}").exists() and proc_state(fork) != "Z":
         assert time.monotonic() < deadline, f"the fork {fork} outlived {how}"
         time.sleep(0.05)
     if how == "SIGINT":
@@ -168,7 +171,7 @@ def test_a_forked_stage_stops_when_whoever_started_it_is_gone(warm, tmp_path):
     assert launcher == "None"  # watch_parent took it out: nothing the stage starts inherits it
     os.kill(shell.pid, signal.SIGKILL)
     shell.wait()
-    while Path(f"/proc/{fork}").exists() and _state(fork) != "Z":
+    while Path(f"/proc/{fork}").exists() and proc_state(fork) != "Z":
         assert time.monotonic() < deadline, f"the fork {fork} outlived the shell that started its stage"
         time.sleep(0.1)
     assert f"error: the process that started this stage (pid {shell.pid}) is gone; stopping" in err.read_text()
@@ -179,13 +182,6 @@ def test_the_launchers_variable_is_the_one_errors_reads():
     from cifarcnn import errors, warm
 
     assert warm.LAUNCHER_ENV == errors.LAUNCHER_ENV
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "gone"
 
 
 def test_cold_when_switched_off_or_the_folder_is_not_private(warm, tmp_path):
@@ -218,9 +214,3 @@ def test_every_dvc_stage_runs_through_the_launcher():
     for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
         cmd = stage.get("do", stage)["cmd"]
         assert cmd.startswith(f"python -m cifarcnn.warm stages/{name}.py"), (name, cmd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -96,7 +96,7 @@ def watch_parent(interval_s: float = 1.0) -> None:
     def parent_of_me() -> int | None:
         if me == os.getpid():
             return os.getppid()
-        return stat[1] if (stat := _stat(me)) else None
+        return launcher[1] if (launcher := _stat(me)) else None
 
     parent = parent_of_me()
     stat = _stat(parent) if parent else None

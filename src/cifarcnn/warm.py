@@ -26,11 +26,13 @@ from __future__ import annotations
 import array
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -57,8 +59,7 @@ def _folder() -> Path | None:
         st = folder.lstat()
     except OSError:
         return None
-    import stat as _stat
-    if not _stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         return None  # someone else could connect to (or replace) the socket: run cold
     if len(os.fsencode(folder.resolve())) + len("/0123456789abcdef.sock") >= 108:
         return None  # longer than a Unix socket's path may be (sun_path)
@@ -73,7 +74,6 @@ def _key(path: list[str]) -> str:
     stamps = []
     for name in ("torch", "torchvision", "mlflow", "matplotlib"):
         try:
-            import importlib.util
             spec = importlib.util.find_spec(name)
             origin = spec.origin if spec else None
             stamps.append((name, origin, os.stat(origin).st_mtime_ns if origin else None))
@@ -207,6 +207,7 @@ def launch(argv: list[str]) -> None:
 
 
 def _umask() -> int:
+    """cifarcnn.fsutil.current_umask, which this module cannot import (it imports no project module)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
