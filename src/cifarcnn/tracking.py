@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -151,6 +152,28 @@ def git_commit(root: Path) -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+class SystemMonitor:
+    """MLflow's SystemMetricsMonitor, with the samples of its last window logged when it finishes.
+    MLflow's loop takes a sample, waits out the interval, and logs; on finish() it drops the window
+    it was in. So a run shorter than one interval (SYSTEM_METRICS_S: a warm tiny-data stage trains
+    in under a second) had no system metrics at all, and every run lost its last interval."""
+
+    def __init__(self, monitor) -> None:
+        self.monitor = monitor
+
+    def finish(self) -> None:
+        self.monitor.finish()  # stops its thread (it samples nothing more) and flushes what it logged
+        last = self.monitor.aggregate_metrics()  # means over the window's samples; {} if it logged them
+        if not last:
+            return
+        try:
+            self.monitor.publish_metrics(last)
+            self.monitor.mlflow_logger.flush()
+        except Exception as err:  # noqa: BLE001 - best effort, as MLflow's own loop: training is what matters
+            print(f"cifarcnn: the last system-metrics sample was not logged ({type(err).__name__}: "
+                  f"{_first_line(err)})", file=sys.stderr, flush=True)
 
 
 class MlflowRun:
@@ -371,7 +394,7 @@ class MlflowRun:
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_S,
                                        resume_logging=bool(self.logged_up_to), tracking_uri=tracking_uri())
         monitor.start()
-        return monitor
+        return SystemMonitor(monitor)
 
     def abandon(self) -> None:
         """Stop the writer: after a failure the next run logs what is missing."""
