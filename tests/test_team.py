@@ -333,7 +333,7 @@ def _restart_when(stack: Stack, service: str, ready, record: dict) -> threading.
                     break
             except Exception:  # noqa: BLE001 - the server may be busy; look again
                 pass
-            time.sleep(0.3)
+            time.sleep(1)  # each look is two or three requests to the server, on the CPUs the runs train on
         else:
             return
         record["away_s"] = round(stack.restart(service), 1)

@@ -56,6 +56,7 @@ PG_BIN = Path(os.environ.get("TEAM_PG_BIN", "/usr/lib/postgresql/15/bin"))
 BUCKETS = ("mlflow", "dvc")  # MLflow's artifacts; DVC's remote
 SECRET_KEYS = ("TEAM_PG_PASSWORD", "TEAM_S3_ACCESS_KEY", "TEAM_S3_SECRET_KEY", "TEAM_MLFLOW_PASSWORD")
 MLFLOW_ADMIN = "admin"
+AUTH_CACHE_TTL_S = 300  # seconds MLflow remembers a checked password (basic_auth.ini: auth_cache_ttl_seconds)
 SERVICES = ("postgres", "s3", "mlflow")  # in start order; stopped in reverse
 
 
@@ -459,7 +460,14 @@ class Stack:
         auth_ini.write_text("[mlflow]\ndefault_permission = READ\n"
                             f"database_uri = {ini(users)}\n"
                             f"admin_username = {MLFLOW_ADMIN}\nadmin_password = {ini(keys['TEAM_MLFLOW_PASSWORD'])}\n"
-                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                            # Every request carries the password, and checking it against its scrypt hash
+                            # costs about 0.1 s of CPU here: more than most requests themselves (a training
+                            # run makes hundreds). A checked password is remembered for this long instead.
+                            # One worker (below), so `user remove` and a password change through the API
+                            # clear it at once; only an edit of the users' database behind MLflow's back
+                            # waits out the TTL.
+                            f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n")
         # The store URI holds the database password: it goes in the environment (readable by this
         # user only), not in argv, which every user on the machine can read with `ps`.
         tls = self._tls(state)
@@ -471,7 +479,7 @@ class Stack:
         state["pids"]["mlflow"] = self._spawn("mlflow", [
             str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
             "--artifacts-destination", "s3://mlflow/artifacts",
-            "--host", self.host, "--port", str(state["ports"]["mlflow"]), "--workers", "2",
+            "--host", self.host, "--port", str(state["ports"]["mlflow"]), "--workers", "1",
             *(["--uvicorn-opts", f"--ssl-certfile {tls['cert']} --ssl-keyfile {tls['key']}"] if tls else [])], env)
         self._save(state)
         _wait("mlflow server", lambda: _http_status(f"{state['mlflow_uri']}/health", self.ca_bundle(state)) == 200, 180,
