@@ -1,5 +1,11 @@
+import json
+import os
+import resource
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fixtures.py
 
@@ -12,3 +18,37 @@ LONGEST_FIRST = ("test_smoke.py", "test_team.py")
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
+# Where the suite's time goes (docs/tests.md: Time). With CIFARCNN_TEST_TIMING=<file>, every test
+# phase (setup, call, teardown) appends one JSON line: its worker, start and end (epoch seconds),
+# and the CPU seconds of this worker and the children it has reaped (subprocess.run's dvc, stages,
+# servers it stopped; not detached daemons such as a warm-stage server or Ray's), so a phase whose
+# wall time is much larger than its CPU time waits rather than computes. bench/test_timing.py sums it.
+TIMING_ENV = "CIFARCNN_TEST_TIMING"
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _timed(phase: str):
+    @pytest.hookimpl(hookwrapper=True)
+    def hook(item):
+        path = os.environ.get(TIMING_ENV)
+        if not path:
+            yield
+            return
+        start, cpu = time.time(), _cpu_seconds()
+        yield
+        line = {"test": item.nodeid, "phase": phase, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+                "start": round(start, 3), "end": round(time.time(), 3), "cpu": round(_cpu_seconds() - cpu, 3)}
+        with open(path, "a") as fh:  # O_APPEND: one short write per line, workers do not interleave
+            fh.write(json.dumps(line) + "\n")
+    return hook
+
+
+pytest_runtest_setup = _timed("setup")
+pytest_runtest_call = _timed("call")
+pytest_runtest_teardown = _timed("teardown")
