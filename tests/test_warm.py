@@ -196,16 +196,32 @@ def test_cold_when_switched_off_or_the_folder_is_not_private(warm, tmp_path):
     assert not list(shared.iterdir()), "no server is started where others could connect to it"
 
 
-def test_the_server_exits_when_idle(warm, tmp_path):
+def test_the_server_exits_when_idle_and_sweeps_other_keys_old_files(warm, tmp_path):
+    """The server exits after CIFARCNN_WARM_IDLE_S; starting, it removed the files of other keys
+    unused for 7 days, but not those of a key used since or whose lock a server holds."""
+    import fcntl
+
     work, env, _, _ = warm
     folder = tmp_path / "idle"
+    folder.mkdir(mode=0o700)
+    old = time.time() - 8 * 86400
+    for other in ("stale", "recent", "held"):
+        for suffix in (".lock", ".log"):
+            (folder / f"{other}{suffix}").write_text("")
+            if other != "recent":
+                os.utime(folder / f"{other}{suffix}", (old, old))
+    os.utime(folder / "recent.log")  # a stage ran under that key lately
     env = {**env, "CIFARCNN_WARM_DIR": str(folder), "CIFARCNN_WARM_IDLE_S": "1"}
-    assert fields(run(work, env))[0] == "cold"
-    deadline = time.monotonic() + 300
-    while "exits: idle for 1 s" not in _logs(folder):
-        assert time.monotonic() < deadline, _logs(folder)
-        time.sleep(0.2)
+    with open(folder / "held.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a server of that key would
+        assert fields(run(work, env))[0] == "cold"
+        deadline = time.monotonic() + 300
+        while "exits: idle for 1 s" not in _logs(folder):
+            assert time.monotonic() < deadline, _logs(folder)
+            time.sleep(0.2)
     assert not list(folder.glob("*.sock")) and "ready in" in _logs(folder)
+    left = {p.name for p in folder.iterdir()}
+    assert not {"stale.lock", "stale.log"} & left and {"recent.lock", "recent.log", "held.lock", "held.log"} <= left, left
 
 
 def test_every_dvc_stage_runs_through_the_launcher():

@@ -18,7 +18,8 @@ included), the server SIGKILLs the fork at once.
 The server listens on a Unix socket in a folder only this user can open (checked), answers
 only this user's processes (SO_PEERCRED), and exits after CIFARCNN_WARM_IDLE_S (default 60)
 seconds with no stage. Its log, a line per stage, is ``<folder>/<key>.log``; the folder is
-$CIFARCNN_WARM_DIR or /tmp/cifarcnn-warm-<uid>. Nothing here imports a project module, so the
+$CIFARCNN_WARM_DIR or /tmp/cifarcnn-warm-<uid>. A starting server removes other keys' files that
+no stage has used for 7 days. Nothing here imports a project module, so the
 launcher is not a dependency of any stage (editing it re-runs nothing).
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pathlib import Path
 PRELOAD = ("torch", "torchvision", "mlflow", "matplotlib", "matplotlib.pyplot", "scipy.stats", "mlflow.pyfunc",
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils")
 IDLE_S = float(os.environ.get("CIFARCNN_WARM_IDLE_S", "60"))  # seconds with no stage before the server exits
+STALE_S = 7 * 86400  # seconds: another key's files unused this long are removed when a server starts
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 LAUNCHER_ENV = "CIFARCNN_WARM_LAUNCHER"  # in a fork: the pid of the process DVC started for it (errors.py reads it)
 _LEN = struct.Struct("!I")
@@ -219,6 +221,28 @@ def _log(msg: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
+def _sweep(folder: Path, key: str) -> None:
+    """Remove other keys' lock, log and socket once no stage has used them for STALE_S: every new
+    interpreter, package set or environment makes a key, and nothing else would ever remove its
+    files. A key whose lock is held (its server is starting or running) is left alone."""
+    now = time.time()
+    for lock_path in folder.glob("*.lock"):
+        other = lock_path.stem
+        if other == key:
+            continue
+        files = [folder / f"{other}.log", folder / f"{other}.sock", lock_path]
+        try:
+            used = max(p.stat().st_mtime for p in files if p.exists())  # the log: a line per stage
+            if now - used < STALE_S:
+                continue
+            with open(lock_path, "a") as held:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError while a server holds it
+                for p in files:
+                    p.unlink(missing_ok=True)
+        except (OSError, ValueError):  # held, or gone meanwhile
+            continue
+
+
 def serve(folder: Path, key: str) -> None:
     lock = open(folder / f"{key}.lock", "a")
     try:
@@ -226,6 +250,7 @@ def serve(folder: Path, key: str) -> None:
     except OSError:
         return  # another server for this key is starting or running
     started = time.monotonic()
+    _sweep(folder, key)
     # Should anything ask torch.cuda.is_available() here, NVML answers: the CUDA driver, once
     # initialised, does not work in a fork (each stage's fork initialises its own).
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
