@@ -208,9 +208,8 @@ def test_the_server_exits_when_idle_and_sweeps_other_keys_old_files(warm, tmp_pa
     for other in ("stale", "recent", "held"):
         for suffix in (".lock", ".log"):
             (folder / f"{other}{suffix}").write_text("")
-            if other != "recent":
-                os.utime(folder / f"{other}{suffix}", (old, old))
-    os.utime(folder / "recent.log")  # a stage ran under that key lately
+            os.utime(folder / f"{other}{suffix}", (old, old))
+    os.utime(folder / "recent.log")  # a stage ran under that key lately: its log is new, its lock is not
     env = {**env, "CIFARCNN_WARM_DIR": str(folder), "CIFARCNN_WARM_IDLE_S": "1"}
     with open(folder / "held.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a server of that key would
