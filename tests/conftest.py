@@ -9,6 +9,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fixtures.py
 
+# One torch thread per process: `pytest -n 2` already keeps both cores busy, and a second OpenMP
+# thread then spin-waits for a core that another process holds. Measured beside two busy loops on
+# 2 cores: test_augment.py took 36 CPU-s with torch's default 2 threads, 12 CPU-s with 1. Set
+# before anything imports torch; every process the tests start (dvc, stages, warm servers, Ray,
+# queue workers) inherits it. A developer's own OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # The two end-to-end files take most of the suite's time (minutes each; the rest, seconds per file).
 # `pytest -n 2 --dist loadfile` (pyproject.toml) hands each worker a file at a time in collection
 # order, so these go first: each starts at once on its own worker, and the short files fill in.

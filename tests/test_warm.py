@@ -25,7 +25,7 @@ warm = "torch" in sys.modules  # before anything here imports it: only a fork of
 import cifarcnn.errors
 print("warm" if warm else "cold", repr(sys.argv), os.getcwd(), os.environ.get("WARM_TEST"), oct(os.umask(0)),
       sys.path[0], getattr(cifarcnn.errors, "MARK", None), cifarcnn.errors.__file__, sorted(os.sched_getaffinity(0)),
-      sep="|")
+      sys.modules["torch"].get_num_threads() if warm else None, sep="|")
 print("to stderr", file=sys.stderr)
 what = sys.argv[1] if len(sys.argv) > 1 else ""
 if what == "stdin":
@@ -90,7 +90,7 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_s
     work, env, folder, src = warm
     proc = run(work, {**env, "WARM_TEST": "x y"}, "stdin", "two words", input="from stdin\n")
     assert proc.returncode == 0, proc
-    mode, argv, cwd, var, umask, path0, _, module, _ = fields(proc)
+    mode, argv, cwd, var, umask, path0, _, module, _, _ = fields(proc)
     assert mode == "warm", _logs(folder)
     assert argv == repr(["s.py", "stdin", "two words"]) and cwd == str(work) and var == "x y"
     assert umask == oct(current_umask())
@@ -100,9 +100,41 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_s
     proc = subprocess.run(["sh", "-c", "umask 077 && exec \"$0\" -m cifarcnn.warm s.py", sys.executable],
                           cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert fields(proc)[0] == "warm" and fields(proc)[4] == oct(0o077)
-    one_cpu = run(work, env, preexec_fn=lambda: os.sched_setaffinity(0, {0}))  # `taskset -c 0`, a job's binding
-    assert fields(one_cpu)[0] == "warm" and fields(one_cpu)[8] == "[0]"
     assert "s.py stdin two words (pid " in _logs(folder) and ": exit 0 after" in _logs(folder)
+
+
+def test_other_thread_settings_or_cpus_get_a_server_of_their_own(warm):
+    """torch sizes its thread pool when it is imported, from OMP_NUM_THREADS and the CPUs the
+    process may use, and a fork keeps its server's pool. So a stage with other settings (another
+    OMP_NUM_THREADS; `taskset -c 0`, a job's CPU binding) runs cold and starts a server of its own,
+    whose forks then have torch's threads as a fresh `python <script>` would."""
+    work, env, folder, _ = warm
+    assert len(os.sched_getaffinity(0)) >= 2, "the CPU-binding case needs a machine with 2 CPUs or more"
+    other = "2" if env.get("OMP_NUM_THREADS") == "1" else "1"
+    cases = [({**env, "OMP_NUM_THREADS": other}, None, other),
+             (env, lambda: os.sched_setaffinity(0, {0}), "1")]  # `taskset -c 0`
+    for case_env, preexec, threads in cases:
+        assert fresh_threads(case_env, preexec) == threads  # what a fresh interpreter has
+        servers = set(folder.glob("*.sock"))
+        first = run(work, case_env, preexec_fn=preexec)
+        assert fields(first)[0] == "cold", _logs(folder)  # not a fork of the fixture's server
+        deadline = time.monotonic() + 300
+        while set(folder.glob("*.sock")) == servers:
+            assert time.monotonic() < deadline, _logs(folder)
+            time.sleep(0.2)
+        again = run(work, case_env, preexec_fn=preexec)
+        assert fields(again)[0] == "warm" and fields(again)[9] == threads, (fields(again), _logs(folder))
+        if preexec:
+            assert fields(again)[8] == "[0]"
+    back = run(work, env)  # the fixture's server, as it was
+    assert fields(back)[0] == "warm" and fields(back)[9] == fresh_threads(env, None)
+
+
+def fresh_threads(env: dict, preexec) -> str:
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                          preexec_fn=preexec, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc
+    return proc.stdout.strip()
 
 
 def test_an_edited_project_module_is_never_served_stale(warm):

@@ -6,7 +6,7 @@
 Importing torch, torchvision and mlflow costs a stage process 3-6 s of CPU on a 2-core machine
 (bench/results/tiny_cpu_*.json), more than a tiny stage's work. So the first stage that finds no
 server starts one in the background and runs cold itself; the server imports those libraries
-once, and every later stage (same Python, same packages, same PYTHON*/LC_*/LANG environment)
+once, and every later stage (same Python, same packages, CPUs and start-up environment: _key)
 is a fork of it, like multiprocessing's forkserver or Android's zygote. The fork gets the
 stage's argv, working directory, environment, umask and stdin/stdout/stderr (the file
 descriptors themselves), imports the project's modules afresh from the stage's own sys.path
@@ -44,6 +44,9 @@ from pathlib import Path
 # on first use: 4-5 s of CPU once here instead of in every stage (scipy.stats: the report's tests).
 PRELOAD = ("torch", "torchvision", "mlflow", "matplotlib", "matplotlib.pyplot", "scipy.stats", "mlflow.pyfunc",
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils")
+# Environment read once at start-up, so a fork keeps the server's: Python's, libc's locale, and the
+# thread pools' of OpenMP, MKL and BLAS (torch.get_num_threads follows OMP_NUM_THREADS at import).
+STARTUP_ENV = ("PYTHON", "LC_", "LANG", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_")
 IDLE_S = float(os.environ.get("CIFARCNN_WARM_IDLE_S", "60"))  # seconds with no stage before the server exits
 STALE_S = 7 * 86400  # seconds: another key's files unused this long are removed when a server starts
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -71,8 +74,9 @@ def _folder() -> Path | None:
 def _key(path: list[str]) -> str:
     """What a fork inherits from the server and cannot change: the interpreter, its flags, the
     import path and the preloaded packages' files (an upgrade starts a new server), the
-    environment that Python and libc read at start-up, the control group and nice value, and this
-    launcher's own code."""
+    environment that Python, libc and OpenMP/MKL read at start-up, the CPUs it may run on (torch
+    sizes its thread pool from them and OMP_NUM_THREADS when it is imported: a fork with more
+    threads than CPUs spin-waits), the control group and nice value, and this launcher's own code."""
     stamps = []
     for name in ("torch", "torchvision", "mlflow", "matplotlib"):
         try:
@@ -81,14 +85,15 @@ def _key(path: list[str]) -> str:
             stamps.append((name, origin, os.stat(origin).st_mtime_ns if origin else None))
         except (ImportError, ValueError, OSError):
             stamps.append((name, None, None))
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("PYTHON", "LC_", "LANG")))
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(STARTUP_ENV))
     try:  # a batch job's own cgroup (its CPU, memory and device limits): never another job's server
         cgroup = Path("/proc/self/cgroup").read_text()
     except OSError:
         cgroup = ""
     mine = Path(__file__).read_bytes()
     blob = json.dumps([os.path.realpath(sys.executable), sys.version, list(sys.flags), path, stamps, env, cgroup,
-                       os.getpriority(os.PRIO_PROCESS, 0), hashlib.sha256(mine).hexdigest()])
+                       sorted(os.sched_getaffinity(0)), os.getpriority(os.PRIO_PROCESS, 0),
+                       hashlib.sha256(mine).hexdigest()])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -163,7 +168,7 @@ def launch(argv: list[str]) -> None:
         _start_server(folder, key, path)
         _cold(argv)
     request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": path, "pid": os.getpid(),
-               "umask": _umask(), "cpus": sorted(os.sched_getaffinity(0))}
+               "umask": _umask()}
     child: list[int] = []  # the fork's pid, once the server has told it
     pending: list[int] = []  # signals that came before that
 
@@ -243,6 +248,20 @@ def _sweep(folder: Path, key: str) -> None:
             continue
 
 
+def _mlflow_package_map() -> None:
+    """Build MLflow's map of installed packages to their modules, which it builds on first use in
+    every process: pyfunc.log_model (the evaluate stage) checks the model's pip requirements against
+    it, pyfunc.load_model too. Building it reads every installed package's file list, 1.8 s of CPU
+    here, more than the rest of an evaluate stage. Built once in the server, each fork has it. The
+    packages it lists are those of the server's start, as for the preloaded ones. MLflow names it
+    privately: should it go, stages only build it themselves again."""
+    try:
+        from mlflow.utils import requirements_utils
+        requirements_utils._init_packages_to_modules_map()
+    except (ImportError, AttributeError):
+        pass
+
+
 def serve(folder: Path, key: str) -> None:
     lock = open(folder / f"{key}.lock", "a")
     try:
@@ -259,6 +278,7 @@ def serve(folder: Path, key: str) -> None:
     matplotlib.use("Agg")  # what cifarcnn.figures sets: stages are headless
     for name in PRELOAD:
         importlib.import_module(name)
+    _mlflow_package_map()
     if sys.modules["torch"].cuda.is_initialized():  # hold the lock, take no stage: they run cold meanwhile
         _log(f"torch initialised CUDA while importing: a fork could not use it; stages run cold for {IDLE_S:.0f} s")
         time.sleep(IDLE_S)
@@ -384,7 +404,6 @@ def _run(request: dict, fds: list[int]) -> None:
         _reopen_stdio(request["env"])
         os.chdir(request["cwd"])
         os.umask(request["umask"])
-        os.sched_setaffinity(0, request["cpus"])  # taskset / a job's CPU binding
         os.environ.clear()
         os.environ.update(request["env"])
         script = request["argv"][0]
