@@ -1,7 +1,9 @@
 import json
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,21 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/fixtures.py
 # before anything imports torch; every process the tests start (dvc, stages, warm servers, Ray,
 # queue workers) inherits it. A developer's own OMP_NUM_THREADS wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The warm-stage servers (cifarcnn.warm) that the tests' stages start: in a folder of this
+# process's own (mkdtemp: mode 0700, as the launcher requires), not the user's
+# /tmp/cifarcnn-warm-<uid>; up for the whole run, not 60 s idle (each restart between two tests cost
+# a server's imports, about 10 CPU-s under the suite's load, and the stages that ran cold
+# meanwhile); and stopped when this process's session ends.
+WARM_DIR = Path(tempfile.mkdtemp(prefix="cifarcnn-tests-warm-"))
+os.environ.setdefault("CIFARCNN_WARM_DIR", str(WARM_DIR))
+os.environ.setdefault("CIFARCNN_WARM_IDLE_S", "1800")
+
+
+def pytest_sessionfinish(session):
+    for sock in WARM_DIR.glob("*.sock"):
+        sock.unlink(missing_ok=True)  # each server sees its socket gone and exits within a second
+    shutil.rmtree(WARM_DIR, ignore_errors=True)
 
 # The two end-to-end files take most of the suite's time (minutes each; the rest, seconds per file).
 # `pytest -n 2 --dist loadfile` (pyproject.toml) hands each worker a file at a time in collection

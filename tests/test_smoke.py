@@ -38,10 +38,16 @@ def project(tmp_path_factory):
     work = tmp_path_factory.mktemp("smoke")
     with tiny_project(work, task4a_size=64) as (repo, env):
         # A system-metrics sample every 0.5 s (10 s by default): the tiny runs train for seconds.
-        # The project's own warm-start folder (cifarcnn.warm), so its log is this project's.
-        env = {**env, "CIFARCNN_SYSTEM_METRICS_S": "0.5", "CIFARCNN_WARM_DIR": str(work / "warm")}
-        first = sh(["dvc", "repro"], repo, env)
-        yield repo, env, first
+        # The project's own warm-start folder (cifarcnn.warm), so its log is this project's; its
+        # servers stay up through the file (conftest.py's CIFARCNN_WARM_IDLE_S) and stop with it.
+        warm = work / "warm"
+        env = {**env, "CIFARCNN_SYSTEM_METRICS_S": "0.5", "CIFARCNN_WARM_DIR": str(warm)}
+        try:
+            first = sh(["dvc", "repro"], repo, env)
+            yield repo, env, first
+        finally:
+            for sock in warm.glob("*.sock"):
+                sock.unlink()  # each server sees its socket gone and exits within a second
 
 
 def test_repro_runs_every_stage(project):

@@ -105,29 +105,30 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_s
 
 def test_other_thread_settings_or_cpus_get_a_server_of_their_own(warm):
     """torch sizes its thread pool when it is imported, from OMP_NUM_THREADS and the CPUs the
-    process may use, and a fork keeps its server's pool. So a stage with other settings (another
-    OMP_NUM_THREADS; `taskset -c 0`, a job's CPU binding) runs cold and starts a server of its own,
-    whose forks then have torch's threads as a fresh `python <script>` would."""
+    process may use, and a fork keeps its server's pool. So a stage with another OMP_NUM_THREADS
+    runs cold and starts a server of its own, whose forks then have torch's threads as a fresh
+    `python <script>` would; and a CPU binding (`taskset -c 0`, a job's) makes another key too."""
     work, env, folder, _ = warm
-    assert len(os.sched_getaffinity(0)) >= 2, "the CPU-binding case needs a machine with 2 CPUs or more"
-    other = "2" if env.get("OMP_NUM_THREADS") == "1" else "1"
-    cases = [({**env, "OMP_NUM_THREADS": other}, None, other),
-             (env, lambda: os.sched_setaffinity(0, {0}), "1")]  # `taskset -c 0`
-    for case_env, preexec, threads in cases:
-        assert fresh_threads(case_env, preexec) == threads  # what a fresh interpreter has
-        servers = set(folder.glob("*.sock"))
-        first = run(work, case_env, preexec_fn=preexec)
-        assert fields(first)[0] == "cold", _logs(folder)  # not a fork of the fixture's server
-        deadline = time.monotonic() + 300
-        while set(folder.glob("*.sock")) == servers:
-            assert time.monotonic() < deadline, _logs(folder)
-            time.sleep(0.2)
-        again = run(work, case_env, preexec_fn=preexec)
-        assert fields(again)[0] == "warm" and fields(again)[9] == threads, (fields(again), _logs(folder))
-        if preexec:
-            assert fields(again)[8] == "[0]"
+    other = {**env, "OMP_NUM_THREADS": "2" if env.get("OMP_NUM_THREADS") == "1" else "1"}
+    assert fresh_threads(other, None) == other["OMP_NUM_THREADS"]  # what a fresh interpreter has
+    servers = set(folder.glob("*.sock"))
+    first = run(work, other)
+    assert fields(first)[0] == "cold", _logs(folder)  # not a fork of the fixture's server
+    deadline = time.monotonic() + 300
+    while set(folder.glob("*.sock")) == servers:
+        assert time.monotonic() < deadline, _logs(folder)
+        time.sleep(0.2)
+    again = run(work, other)
+    assert fields(again)[0] == "warm" and fields(again)[9] == other["OMP_NUM_THREADS"], (fields(again), _logs(folder))
     back = run(work, env)  # the fixture's server, as it was
     assert fields(back)[0] == "warm" and fields(back)[9] == fresh_threads(env, None)
+
+    assert len(os.sched_getaffinity(0)) >= 2, "the CPU-binding case needs a machine with 2 CPUs or more"
+    key = [sys.executable, "-c", "import sys; from cifarcnn.warm import _key; print(_key(sys.path[1:]))"]
+    keys = [subprocess.run(key, env=env, preexec_fn=preexec, capture_output=True, text=True, timeout=60).stdout
+            for preexec in (None, None, lambda: os.sched_setaffinity(0, {0}))]
+    assert keys[0] and keys[0] == keys[1] != keys[2], keys
+    assert fresh_threads(env, lambda: os.sched_setaffinity(0, {0})) == "1"  # which a fork of the first would not have
 
 
 def fresh_threads(env: dict, preexec) -> str:
