@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cifarcnn import warm as warm_launcher  # the standard library only: no torch yet (see below)
+
 sys.path.insert(0, str(Path(__file__).parent))  # tests/fixtures.py
 
 # One torch thread per process: `pytest -n 2` already keeps both cores busy, and a second OpenMP
@@ -29,8 +31,7 @@ os.environ.setdefault("CIFARCNN_WARM_IDLE_S", "1800")
 
 
 def pytest_sessionfinish(session):
-    for sock in WARM_DIR.glob("*.sock"):
-        sock.unlink(missing_ok=True)  # each server sees its socket gone and exits within a second
+    warm_launcher.stop(WARM_DIR)
     shutil.rmtree(WARM_DIR, ignore_errors=True)
 
 # The two end-to-end files take most of the suite's time (minutes each; the rest, seconds per file).

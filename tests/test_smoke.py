@@ -25,6 +25,7 @@ from helpers import (merged, proc_state, queue_status, ran_stages, sh, start_que
 from mlflow.tracking import MlflowClient
 
 from cifarcnn.fsutil import current_umask
+from cifarcnn import warm as warm_launcher
 from cifarcnn.teamstack import free_port
 
 pytestmark = pytest.mark.smoke
@@ -46,8 +47,7 @@ def project(tmp_path_factory):
             first = sh(["dvc", "repro"], repo, env)
             yield repo, env, first
         finally:
-            for sock in warm.glob("*.sock"):
-                sock.unlink()  # each server sees its socket gone and exits within a second
+            warm_launcher.stop(warm)
 
 
 def test_repro_runs_every_stage(project):

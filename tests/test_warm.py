@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import proc_state
 
+from cifarcnn import warm as warm_launcher
 from cifarcnn.fsutil import current_umask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,8 +71,7 @@ def warm(tmp_path_factory):
         assert time.monotonic() < deadline, _logs(folder)
         time.sleep(0.2)
     yield work, env, folder, src
-    for sock in folder.glob("*.sock"):
-        sock.unlink()  # the server sees its socket gone and exits within a second
+    warm_launcher.stop(folder)  # the fixture's servers exit within a second
 
 
 def run(work: Path, env: dict, *args: str, **kw) -> subprocess.CompletedProcess:

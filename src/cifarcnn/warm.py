@@ -213,6 +213,13 @@ def launch(argv: list[str]) -> None:
     os._exit(os.waitstatus_to_exitcode(status))
 
 
+def stop(folder: Path) -> None:
+    """Stop the servers in ``folder``: each sees its socket gone, takes no more stages and exits
+    within a second (a stage it is running finishes)."""
+    for sock in Path(folder).glob("*.sock"):
+        sock.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     """cifarcnn.fsutil.current_umask, which this module cannot import (it imports no project module)."""
     mask = os.umask(0o022)
