@@ -1,6 +1,6 @@
 """MLflow logging cost as a share of training time (goal: < 2%).
 
-1. From real runs: each results/<run>/seed<k>/train.json records the seconds spent logging params
+1. From real runs: each results/<run>/seed<k>/train/train.json records the seconds spent logging params
    and per-step/validation metrics during training, and the training seconds.
 2. A microbenchmark into a throw-away sqlite store: one validation interval of task2
    (351 per-step losses + 3 validation metrics, one log_batch) against the time the same
@@ -18,9 +18,9 @@ from pathlib import Path
 
 
 def from_runs() -> None:
-    files = sorted(Path("results").glob("*/seed*/train.json"))
+    files = sorted(Path("results").glob("*/seed*/train/train.json"))
     if not files:
-        print("no results/*/seed*/train.json yet (run `dvc repro`); skipping the per-run shares")
+        print("no results/*/seed*/train/train.json yet (run `dvc repro`); skipping the per-run shares")
     for f in files:
         m = json.loads(f.read_text())
         print(f"{f.parent.name:18s} logging {m['mlflow_logging_seconds']:7.2f} s of {m['train_seconds']:8.1f} s "

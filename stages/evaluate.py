@@ -1,7 +1,7 @@
 """DVC stage `evaluate@<run>-<seed>`: the best checkpoint on train / validation / test, per class
 (and, for runs with augmentation, on augmented train and validation images as the original measured).
 
-Writes results/<run>/seed<seed>/eval.json (the numbers), eval_detail.json (per class, confusion matrix,
+Writes results/<run>/seed<seed>/eval/: eval.json (the numbers), eval_detail.json (per class, confusion matrix,
 ids), predictions.csv (DVC's confusion plot), the training-curves figure (curves.png, the
 report's style) and confusion.png, all together or none. Logs the numbers, both figures and the
 usable model (cifarcnn.serving; registered when the run names a registry entry) into the seed's
@@ -24,14 +24,14 @@ from cifarcnn.tracking import log_evaluation
 @cli
 def main(run_name: str, seed: str) -> None:
     params = load_params()
-    models, results = run_dirs(run_name, int(seed))
-    train_info = read_json(results / "run.json")
+    models, trained, scored = run_dirs(run_name, int(seed))
+    train_info = read_json(trained / "run.json")
     best = verified_checkpoint(models / BEST, train_info.get("checkpoint_sha256"), f"train@{run_name}-{seed}")
     ds = Dataset.load("data/cifar10.npz")
     with work():
         metrics = evaluate_checkpoint(best, ds, params["train"]["device"])
-    curves = load_curves(results)
-    with staged_outputs(results) as staged:  # the outputs appear together, or none
+    curves = load_curves(trained)
+    with staged_outputs(scored) as staged:  # the outputs appear together, or none
         with work():
             pngs = [
                 figures.training_curves(curves["blocks"], curves["validations"], metrics, train_info.get("title", run_name),
@@ -39,8 +39,8 @@ def main(run_name: str, seed: str) -> None:
                 figures.confusion(metrics["test_confusion"], metrics["classes"],
                                   f"{run_name} seed {seed}: test accuracy {metrics['test_acc']:.2%}", staged / "confusion.png"),
             ]
-        model = served_model(run_name, int(seed), best, ds, {**read_json(results / "train.json"), **train_info},
-                          read_json(results / "config.json"), metrics)
+        model = served_model(run_name, int(seed), best, ds, {**read_json(trained / "train.json"), **train_info},
+                          read_json(trained / "config.json"), metrics)
         metrics["mlflow_run_id"] = log_evaluation(params["mlflow"]["experiment"], f"{run_name}-{seed}",
                                                   train_info.get("mlflow_run_id"), metrics, pngs, model)
         write_text(staged / "predictions.csv", predictions_csv(metrics.pop("test_actual"), metrics.pop("test_predicted"),

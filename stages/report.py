@@ -28,21 +28,21 @@ def main() -> None:
     seeds = resolve_seeds(params)
     results = load_results(RESULTS, run_names(params), seeds)
     if not results:
-        raise UserError(f"no results under {RESULTS}/<run>/seed<n>/ (train.json + eval.json); run `dvc repro` first")
+        raise UserError(f"no results under {RESULTS}/<run>/seed<n>/ (train/train.json + eval/eval.json); run `dvc repro` first")
     for folder in (RUN_FIGURES, CURVES):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     figs: dict[str, str] = {}
     curves = {}
     for run, runs in results.items():
-        folders = {r["seed"]: run_dirs(run, r["seed"])[1] for r in runs}
-        first = folders[runs[0]["seed"]]
+        folders = {r["seed"]: run_dirs(run, r["seed"], RESULTS) for r in runs}
+        first = folders[runs[0]["seed"]].scored
         for kind in ("curves", "confusion"):
             if (first / f"{kind}.png").exists():
                 shutil.copyfile(first / f"{kind}.png", RUN_FIGURES / f"{run}_{kind}.png")
                 figs[f"{run}_{kind}"] = f"figures/runs/{run}_{kind}.png"
-        per_seed = {seed: load_curves(folder) for seed, folder in folders.items()}
-        predictions = [(folder / "predictions.csv").read_text().splitlines() for folder in folders.values()]
+        per_seed = {seed: load_curves(dirs.trained) for seed, dirs in folders.items()}
+        predictions = [(dirs.scored / "predictions.csv").read_text().splitlines() for dirs in folders.values()]
         write_text(CURVES / f"{run}_predictions.csv",  # DVC's confusion plot: every seed's test predictions
                    "\n".join(predictions[0][:1] + [row for rows in predictions for row in rows[1:]]) + "\n")
         curves[run] = per_seed[runs[0]["seed"]]

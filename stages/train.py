@@ -1,7 +1,7 @@
 """DVC stage `train@<run>-<seed>`: train one seed of one run, track it in MLflow.
 
-Reads configs/<run>.json (written by `configure@<run>`). Outputs, under models/<run>/seed<seed>/
-and results/<run>/seed<seed>/: best.pt (lowest validation loss), train.json (numbers only),
+Reads configs/<run>.json (written by `configure`). Outputs: models/<run>/seed<seed>/best.pt
+(lowest validation loss) and results/<run>/seed<seed>/train/ with train.json (numbers only),
 run.json (the MLflow run id, device, data), config.json, curves.csv and train_loss.csv (the
 evaluate stage draws them). A killed run resumes from models/<run>/seed<seed>/resume-<key>.pt
 (key: config, seed, data, training code), which is not a DVC output.
@@ -24,8 +24,8 @@ def main(run_name: str, seed: str) -> None:
     if not config.exists():
         raise UserError(f"{config} does not exist; run `dvc repro configure@{run_name}` (or dvc repro) first")
     cfg = RunConfig.from_dict(read_json(config), seed=int(seed))
-    model_dir, results_dir = run_dirs(run_name, cfg.seed)
-    metrics = train_and_track(cfg, Dataset.load(DATA), model_dir, results_dir)
+    dirs = run_dirs(run_name, cfg.seed)
+    metrics = train_and_track(cfg, Dataset.load(DATA), dirs.models, dirs.trained)
     print(f"{run_name} seed {seed}: best validation loss {metrics['best_val_loss']:.4f}, accuracy "
           f"{metrics['best_val_acc']:.2%} at step {metrics['best_step']} ({metrics['train_seconds']:.0f} s of "
           f"training); MLflow run {metrics['mlflow_run_id']}; `evaluate@{run_name}-{seed}` scores it on every split")

@@ -23,12 +23,12 @@ PHOTO = Path("data/viz_image")  # written by the download stage (a dep in dvc.ya
 @cli
 def main(seed: str) -> None:
     params = load_params()
-    task4a_models, task4a_results = run_dirs("task4a", int(seed))
+    task4a_models, task4a_trained, _ = run_dirs("task4a", int(seed))
     task4a = task4a_models / BEST
     viz, weights = resolve_viz(params), resolve_resnet_weights(params)
     models = {"": (create_model("resnet18_transfer", pretrained=pretrained_choice(weights)), f"ResNet18, {weights} weights")}
     if task4a.exists():  # drawn only if it is the file its train stage wrote
-        verified_checkpoint(task4a, read_json(task4a_results / "run.json").get("checkpoint_sha256"), f"train@task4a-{seed}")
+        verified_checkpoint(task4a, read_json(task4a_trained / "run.json").get("checkpoint_sha256"), f"train@task4a-{seed}")
         models["_task4a"] = (load_best_model(task4a)[0], f"ResNet18 fine-tuned on CIFAR-10 (task4a, seed {seed})")
     summary = {"resnet_weights": weights, "filter_indices": viz.filter_indices,
                "activation_indices": viz.activation_indices}

@@ -9,6 +9,7 @@ from fixtures import CLASSES, fake_images
 
 from cifarcnn.config import RunConfig, load_params, resolve_run
 from cifarcnn.data import Dataset
+from cifarcnn.runfiles import run_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +34,16 @@ def merged(folder: Path, metrics_file: str, beside: str) -> dict:
     numbers = json.loads((folder / metrics_file).read_text())
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()), numbers
     return {**numbers, **json.loads((folder / beside).read_text())}
+
+
+def train_dir(repo: Path, run: str, seed: int = 0) -> Path:
+    """<repo>/results/<run>/seed<seed>/train/: what train@<run>-<seed> wrote."""
+    return run_dirs(run, seed, Path(repo) / "results").trained
+
+
+def eval_dir(repo: Path, run: str, seed: int = 0) -> Path:
+    """<repo>/results/<run>/seed<seed>/eval/: what evaluate@<run>-<seed> wrote."""
+    return run_dirs(run, seed, Path(repo) / "results").scored
 
 
 def real_params() -> dict:

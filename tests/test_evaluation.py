@@ -16,7 +16,7 @@ from cifarcnn import assets, report
 from cifarcnn.errors import UserError
 from cifarcnn.evaluation import confusion_matrix, evaluate_checkpoint
 from cifarcnn.fsutil import file_digest
-from cifarcnn.runfiles import BEST
+from cifarcnn.runfiles import BEST, run_dirs
 from cifarcnn.training import train
 
 
@@ -110,22 +110,23 @@ def test_weights_from_cache_are_verified_and_copied(tmp_path, monkeypatch):
 
 
 def _fake_results(tmp_path, runs, seeds=(0,), augmented=False):
-    """results/<run>/seed<k>/ as the train and evaluate stages write them: accuracy 0.5 + i/100
-    for the i-th run, plus seed/1000 so that the seeds spread."""
+    """results/<run>/seed<k>/{train,eval}/ as the train and evaluate stages write them: accuracy
+    0.5 + i/100 for the i-th run, plus seed/1000 so that the seeds spread."""
     for i, run in enumerate(runs):
         for seed in seeds:
-            d = tmp_path / run / f"seed{seed}"
+            _, d, e = run_dirs(run, seed, tmp_path)
             d.mkdir(parents=True)
+            e.mkdir(parents=True)
             acc = 0.5 + i / 100 + seed / 1000
             (d / "train.json").write_text(json.dumps({
                 "epochs_run": 1 + seed, "train_seconds": 3.0, "train_images_per_s": 100.0}))
             (d / "run.json").write_text(json.dumps({
                 "device": "cpu", "best_step": 4 + seed, "stopped_early": seed == 1, "mlflow_run_id": f"id{i}-{seed}",
                 "n_train": 270, "n_val": 30, "n_test": 60, "data_source": "x", "data_subset": 300}))
-            (d / "eval.json").write_text(json.dumps({
+            (e / "eval.json").write_text(json.dumps({
                 "train_acc": acc, "val_acc": acc - 0.1, "test_acc": acc - 0.05,
                 **({"train_acc_aug": acc - 0.03, "val_acc_aug": acc - 0.12} if augmented else {})}))
-            (d / "eval_detail.json").write_text(json.dumps({"test_class_acc": {"cat": 0.5, "dog": 0.25}}))
+            (e / "eval_detail.json").write_text(json.dumps({"test_class_acc": {"cat": 0.5, "dog": 0.25}}))
 
 
 def test_accuracy_table_beside_the_report(tmp_path):
@@ -146,8 +147,9 @@ def test_report_over_three_seeds_gives_spread_verdicts_and_claims(tmp_path):
     _fake_results(tmp_path / "aug", ["task3e"], seeds=(0, 1, 2), augmented=True)
     for seed in (0, 1, 2):  # task3e with augmented numbers
         for name in ("eval.json",):
-            (tmp_path / "task3e" / f"seed{seed}" / name).write_text((tmp_path / "aug" / "task3e" / f"seed{seed}" / name).read_text())
-    (tmp_path / "task2" / "seed7").mkdir()  # a seed no longer in train.seeds: ignored
+            (run_dirs("task3e", seed, tmp_path).scored / name).write_text(
+                (run_dirs("task3e", seed, tmp_path / "aug").scored / name).read_text())
+    _fake_results(tmp_path, ["task2"], seeds=(7,))  # a seed no longer in train.seeds: ignored
     results = report.load_results(tmp_path, runs, [0, 1, 2])
     assert [s["seed"] for s in results["task2"]] == [0, 1, 2]
     md = report.accuracy_table(results, "task2")
@@ -190,7 +192,7 @@ def test_report_over_three_seeds_gives_spread_verdicts_and_claims(tmp_path):
 def test_report_says_when_task4a_is_not_the_reports_set_up(tmp_path):
     _fake_results(tmp_path, ["task4a"])
     config = {"input": {"size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}, "epochs": 1, "pretrained": None}
-    (tmp_path / "task4a" / "seed0" / "config.json").write_text(json.dumps(config))
+    (run_dirs("task4a", 0, tmp_path).trained / "config.json").write_text(json.dumps(config))
     shrunk = report.load_results(tmp_path, ["task4a"], [0])["task4a"][0]
     caveat = "".join(report._task4a_caveats(shrunk))
     assert "random weights" in caveat and "64×64" in caveat and "1 epoch(s)" in caveat
@@ -302,7 +304,7 @@ def test_hyperparameter_table_matches_the_reports_tables_for_the_real_params(tmp
     _fake_results(tmp_path, runs)
     params = real_params()
     for run in runs:
-        (tmp_path / run / "seed0" / "config.json").write_text(json.dumps(resolve_run(params, run).to_dict()))
+        (run_dirs(run, 0, tmp_path).trained / "config.json").write_text(json.dumps(resolve_run(params, run).to_dict()))
     results = report.load_results(tmp_path, runs, [0])
     table = re.sub(r" +", " ", report.hyperparameter_table(results))
     assert "report:" not in table and table.count("\n") == len(runs) + 1, table
@@ -318,7 +320,7 @@ def test_validation_loss_rise_is_read_from_the_curves(tmp_path):
         for seed, rise in enumerate(rises):
             rows = ["step,epoch,train_loss,val_loss,val_acc", "1,0.5,2.0,1.5,0.4", "2,1.0,1.5,1.0,0.5",
                     f"3,1.5,1.2,{1.0 + rise},0.5"]
-            (tmp_path / run / f"seed{seed}" / "curves.csv").write_text("\n".join(rows) + "\n")
+            (run_dirs(run, seed, tmp_path).trained / "curves.csv").write_text("\n".join(rows) + "\n")
     results = report.load_results(tmp_path, ["task3d_dropout", "task3d_no_dropout"], [0, 1, 2])
     assert [round(r["val_loss_rise"], 6) for r in results["task3d_no_dropout"]] == [0.5, 0.7, 0.6]
     lines = report.overfitting_claim(results)

@@ -22,7 +22,7 @@ from cifarcnn import pipeline, tracking, training
 from cifarcnn.errors import UserError
 from cifarcnn.errors import Interrupted
 from cifarcnn.fsutil import staged_outputs, try_lock, write_json, write_text
-from cifarcnn.runfiles import RESUME_GLOB, resume_file
+from cifarcnn.runfiles import RESUME_GLOB, resume_file, run_dirs
 from cifarcnn.pipeline import train_and_track
 
 
@@ -156,10 +156,10 @@ def test_store_down_during_evaluate_leaves_the_outputs_as_they_were(store, monke
     write_params(store / "params.yaml", tiny_params())
     ds = tiny_dataset(300, 60)
     ds.save(store / "data" / "cifar10.npz")
-    train_and_track(tiny_run("task2", batch_size=32), ds, store / "models" / "task2" / "seed0",
-                    store / "results" / "task2" / "seed0")
-    results = store / "results" / "task2" / "seed0"
+    _, trained, results = run_dirs("task2", 0, store / "results")
+    train_and_track(tiny_run("task2", batch_size=32), ds, store / "models" / "task2" / "seed0", trained)
     outputs = ("eval.json", "eval_detail.json", "curves.png", "confusion.png")
+    results.mkdir()
     for name in outputs:
         (results / name).write_text("previous")
     env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
@@ -391,10 +391,11 @@ def test_truncated_metrics_file_is_named(tmp_path):
     """`dvc repro -s report` over a train.json cut short: one line naming the file and the fix."""
     from cifarcnn.report import load_results
 
-    folder = tmp_path / "task2" / "seed0"
+    _, folder, scored = run_dirs("task2", 0, tmp_path)
     folder.mkdir(parents=True)
+    scored.mkdir()
     (folder / "train.json").write_text('{"best_val_loss": 1.2')
-    (folder / "eval.json").write_text("{}")
+    (scored / "eval.json").write_text("{}")
     with pytest.raises(UserError) as err:
         load_results(tmp_path, ["task2"], [0])
     message = str(err.value)

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 from fixtures import tiny_project
-from helpers import (merged, proc_state, queue_status, ran_stages, sh, start_queue, training_runs, up_to_date,
-                     wait_for_queue)
+from helpers import (eval_dir, merged, proc_state, queue_status, ran_stages, sh, start_queue, train_dir, training_runs,
+                     up_to_date, wait_for_queue)
 from mlflow.tracking import MlflowClient
 
 from cifarcnn.fsutil import current_umask
@@ -75,8 +75,8 @@ def test_repro_runs_every_stage(project):
     split = json.loads((repo / "results" / "split.json").read_text())
     assert split["method"] == "np.random.seed(0); np.random.choice(300, 30, replace=False)"
     for name in RUNS:
-        metrics = merged(repo / "results" / name / "seed0", "train.json", "run.json")  # asserts: numbers only
-        evaluation = merged(repo / "results" / name / "seed0", "eval.json", "eval_detail.json")
+        metrics = merged(train_dir(repo, name), "train.json", "run.json")  # asserts: numbers only
+        evaluation = merged(eval_dir(repo, name), "eval.json", "eval_detail.json")
         assert 0 <= evaluation["test_acc"] <= 1 and metrics["n_train"] == 270 and metrics["n_test"] == 60
         assert not {"train_acc", "val_acc", "test_acc"} & set(metrics)  # scored once, by evaluate
         assert evaluation["val_loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-5)
@@ -103,7 +103,7 @@ def test_repro_runs_every_stage(project):
         assert not [k for k in run.data.metrics if "best_val" in k or k.startswith(("final_", "eval_"))]
         assert run.data.params["run"] == name
         assert (repo / "models" / name / "seed0" / "best.pt").exists()
-        assert (repo / "results" / name / "seed0" / "curves.png").read_bytes().startswith(b"\x89PNG")
+        assert (eval_dir(repo, name) / "curves.png").read_bytes().startswith(b"\x89PNG")
         assert json.loads((repo / "configs" / f"{name}.json").read_text())["name"] == name
 
 
@@ -195,7 +195,7 @@ def test_exp_show_and_metrics_show_fit_a_terminal(project):
     assert len(header) == len(workspace) and workspace[header.index("lr")] == f"{lr:g}", (header, workspace)
     metrics = sh(["dvc", "metrics", "show"], repo, wide)
     assert max(len(line) for line in metrics.splitlines()) <= 200, metrics
-    for path in (repo / "results").glob("*/seed*/*.json"):
+    for path in (repo / "results").glob("*/seed*/*/*.json"):
         if path.name in ("train.json", "eval.json"):  # the metrics files: numbers only
             values = json.loads(path.read_text()).values()
             assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), path
@@ -283,18 +283,19 @@ def test_report_stage_fed_the_h200_seeds(project, tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for run in RUNS:
         for seed, numbers in h200[run].items():
-            folder = work / "results" / run / f"seed{seed}"
-            shutil.copytree(repo / "results" / run / "seed0", folder)
-            for name, extra in (("train.json", {}), ("eval.json", {}),
-                                ("eval_detail.json", {"train_acc_aug": numbers.get("train_acc_augmented"),
-                                                      "val_acc_aug": numbers.get("val_acc_augmented")})):
+            shutil.copytree(repo / "results" / run / "seed0", work / "results" / run / f"seed{seed}")
+            for folder, name, extra in ((train_dir(work, run, seed), "train.json", {}),
+                                        (eval_dir(work, run, seed), "eval.json", {}),
+                                        (eval_dir(work, run, seed), "eval_detail.json",
+                                         {"train_acc_aug": numbers.get("train_acc_augmented"),
+                                          "val_acc_aug": numbers.get("val_acc_augmented")})):
                 data = json.loads((folder / name).read_text())
                 data.update({k: v for k, v in {**numbers, **extra}.items() if k in data and v is not None})
                 (folder / name).write_text(json.dumps(data))
-            config = json.loads((folder / "config.json").read_text())
-            (folder / "config.json").write_text(json.dumps({**config, "seed": int(seed)}))
+            config = json.loads((train_dir(work, run, seed) / "config.json").read_text())
+            (train_dir(work, run, seed) / "config.json").write_text(json.dumps({**config, "seed": int(seed)}))
     for run, seed in (("task2", "3"), ("task3e", "1")):  # the numbers the report reads are the H200's
-        assert json.loads((work / "results" / run / f"seed{seed}" / "eval.json").read_text())["test_acc"] == \
+        assert json.loads((eval_dir(work, run, seed) / "eval.json").read_text())["test_acc"] == \
             h200[run][seed]["test_acc"]
     clean = {k: v for k, v in env.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
     out = sh([sys.executable, "stages/report.py"], work, {**clean, "CIFARCNN_NEW_STORE": "1"})
@@ -330,7 +331,7 @@ def test_mlflow_runs_hold_evaluation_metrics(project):
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("cifar10-cnn-report")
     for run in client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'task2-0'"):
-        evaluation = merged(repo / "results" / "task2" / "seed0", "eval.json", "eval_detail.json")
+        evaluation = merged(eval_dir(repo, "task2"), "eval.json", "eval_detail.json")
         if run.info.run_id == evaluation["mlflow_run_id"]:
             assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
             assert run.data.metrics["scores/test_acc/cat"] == pytest.approx(evaluation["test_class_acc"]["cat"])
@@ -413,7 +414,7 @@ def test_publish_logs_existing_results_to_a_fresh_server(project, tmp_path):
     repo, env, _ = project
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    run_json = repo / "results" / "task2" / "seed0" / "run.json"
+    run_json = train_dir(repo, "task2") / "run.json"
     before = run_json.read_bytes(), run_json.stat().st_mtime_ns
     with mlflow_service(["server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
                          str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
@@ -426,9 +427,9 @@ def test_publish_logs_existing_results_to_a_fresh_server(project, tmp_path):
         runs = {r.info.run_name: r for r in training_runs(client, EXPERIMENT)}
         assert set(runs) == {f"{run}-0" for run in RUNS}, sorted(runs)
         for name in RUNS:
-            folder = repo / "results" / name / "seed0"
+            folder = train_dir(repo, name)
             trained = merged(folder, "train.json", "run.json")
-            scores = json.loads((folder / "eval.json").read_text())
+            scores = json.loads((eval_dir(repo, name) / "eval.json").read_text())
             run = client.get_run(runs[f"{name}-0"].info.run_id)
             assert run.info.status == "FINISHED" and run.data.tags["published_from"] == trained["mlflow_run_id"]
             config = json.loads((folder / "config.json").read_text())
@@ -459,11 +460,11 @@ def test_registered_model_serves_the_evaluate_stages_predictions(project):
     import numpy as np
 
     repo, env, _ = project
-    run_id = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")["mlflow_run_id"]
+    run_id = merged(train_dir(repo, "task3e"), "train.json", "run.json")["mlflow_run_id"]
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(uri)
     (version,) = [v for v in client.search_model_versions("name = 'cifar10-task3e'") if v.run_id == run_id]
-    evaluation = merged(repo / "results" / "task3e" / "seed0", "eval.json", "eval_detail.json")
+    evaluation = merged(eval_dir(repo, "task3e"), "eval.json", "eval_detail.json")
     assert version.description.startswith(f"task3e, seed 0: validation accuracy {evaluation['val_acc']:.2%}, test "
                                           f"accuracy {evaluation['test_acc']:.2%}; adam lr ")
     assert {"run": "task3e", "seed": "0", "val_acc": f"{evaluation['val_acc']:.6f}"}.items() <= version.tags.items()
@@ -486,7 +487,7 @@ def test_registered_model_serves_the_evaluate_stages_predictions(project):
         with np.load(repo / "data" / "cifar10.npz") as data:
             images, classes = data["test_x"], [str(c) for c in data["classes"]]
         answers = invoke(images)  # uint8 [60, 32, 32, 3], exactly what the evaluate stage scored
-        rows = (repo / "results" / "task3e" / "seed0" / "predictions.csv").read_text().splitlines()[1:]
+        rows = (eval_dir(repo, "task3e") / "predictions.csv").read_text().splitlines()[1:]
         assert [a["class"] for a in answers] == [row.split(",")[1] for row in rows]
         for a in answers:
             assert sum(a[c] for c in classes) == pytest.approx(1.0, abs=1e-5) and a["class"] == max(classes, key=a.get)
@@ -512,7 +513,7 @@ def test_served_model_stops_working_past_the_request_timeout(project, tmp_path):
 
     repo, env, _ = project
     uri = f"sqlite:///{repo / 'mlflow.db'}"
-    run_id = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")["mlflow_run_id"]
+    run_id = merged(train_dir(repo, "task3e"), "train.json", "run.json")["mlflow_run_id"]
     (version,) = [v for v in MlflowClient(uri).search_model_versions("name = 'cifar10-task3e'") if v.run_id == run_id]
     port, log = free_port(), tmp_path / "serve.log"
     with np.load(repo / "data" / "cifar10.npz") as data:
@@ -554,9 +555,9 @@ def test_adding_a_seed_trains_only_the_new_seed(project):
         curves = (repo / "reports" / "curves" / "task2.csv").read_text().splitlines()
         assert curves[0] == "step,epoch,val_loss,val_acc,val_acc_sd,n" and curves[1].endswith(",2")
         client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-        seed1 = merged(repo / "results" / "task2" / "seed1", "train.json", "run.json")
+        seed1 = merged(train_dir(repo, "task2", 1), "train.json", "run.json")
         parent = client.get_run(client.get_run(seed1["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
-        seed0 = merged(repo / "results" / "task2" / "seed0", "train.json", "run.json")
+        seed0 = merged(train_dir(repo, "task2"), "train.json", "run.json")
         assert client.get_run(seed0["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert parent.data.metrics["seeds/n_seeds"] == 2 and "seeds/sd_test_acc" in parent.data.metrics
     finally:
@@ -593,7 +594,7 @@ def test_report_names_a_truncated_metrics_file(project):
     being rebuilt, and nothing is stale."""
     repo, env, _ = project
     sh(["dvc", "repro"], repo, env)  # the workspace as the params say (an earlier test may have left seeds behind)
-    metrics = repo / "results" / "task2" / "seed0" / "train.json"
+    metrics = train_dir(repo, "task2") / "train.json"
     report = repo / "reports" / "report.md"
     original, written = metrics.read_bytes(), report.read_bytes()
     metrics.write_bytes(original[: len(original) // 2])
@@ -601,10 +602,10 @@ def test_report_names_a_truncated_metrics_file(project):
         out = sh(["dvc", "repro", "-s", "report"], repo, env, ok=False)
         errors = [line for line in out.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "Traceback" not in out, out
-        assert errors[0].startswith("error: results/task2/seed0/train.json is not valid JSON (") and \
-            "`dvc checkout --force results/task2/seed0/train.json` restores it" in errors[0], errors
+        assert errors[0].startswith("error: results/task2/seed0/train/train.json is not valid JSON (") and \
+            "`dvc checkout --force results/task2/seed0/train/train.json` restores it" in errors[0], errors
     finally:
-        sh(["dvc", "checkout", "--force", "results/task2/seed0/train.json"], repo, env)
+        sh(["dvc", "checkout", "--force", "results/task2/seed0/train/train.json"], repo, env)
     assert metrics.read_bytes() == original
     again = sh(["dvc", "repro", "-s", "report"], repo, env)
     assert ran_stages(again) == [] and report.read_bytes() == written, again
@@ -660,8 +661,8 @@ def kill_stage_process(repo: Path, marker: str, when) -> None:
 
 def test_output_files_follow_the_umask(project):
     repo, env, _ = project
-    for rel in ("results/task2/seed0/train.json", "results/task2/seed0/curves.csv", "reports/report.md",
-                "results/task2/seed0/eval.json", "configs/task2.json"):
+    for rel in ("results/task2/seed0/train/train.json", "results/task2/seed0/train/curves.csv", "reports/report.md",
+                "results/task2/seed0/eval/eval.json", "configs/task2.json"):
         assert (repo / rel).stat().st_mode & 0o777 == 0o666 & ~current_umask(), rel
 
 
@@ -709,14 +710,14 @@ def test_dvc_stopped_mid_training_marks_the_run_killed_and_resumes_it(project):
         other = sh(["dvc", "repro", "train@task3e-0"], repo, env)
         assert f"left {state} as it is: it was saved at step " in other and f"lr {lr} -> {other_lr}" in other, other
         assert "resuming" not in other and state.exists()
-        assert merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")["mlflow_run_id"] != killed.info.run_id
+        assert merged(train_dir(repo, "task3e"), "train.json", "run.json")["mlflow_run_id"] != killed.info.run_id
         assert client.get_run(killed.info.run_id).info.status == "KILLED"
 
         set_param(repo, "lr", str(lr))
         resumed = sh(["dvc", "repro", "train@task3e-0"], repo, env)
         assert re.search(r"resuming task3e from step \d+", resumed), resumed
         assert not list(folder.glob("resume-*"))  # state and lock removed once MLflow holds the run
-        metrics = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")
+        metrics = merged(train_dir(repo, "task3e"), "train.json", "run.json")
         assert metrics["mlflow_run_id"] == killed.info.run_id
         assert metrics["resumed_from_step"] and metrics["steps"] > metrics["resumed_from_step"]
         run = client.get_run(metrics["mlflow_run_id"])
@@ -728,7 +729,7 @@ def test_dvc_stopped_mid_training_marks_the_run_killed_and_resumes_it(project):
         # The same params again, never interrupted: the same numbers (the CPU is deterministic).
         unbroken = sh(["dvc", "repro", "-f", "train@task3e-0"], repo, env)
         assert "resuming" not in unbroken
-        again = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")
+        again = merged(train_dir(repo, "task3e"), "train.json", "run.json")
         keys = ["best_val_loss", "best_val_acc", "best_step", "steps"]
         assert {k: metrics[k] for k in keys} == {k: again[k] for k in keys}
     finally:
@@ -762,12 +763,12 @@ def test_killed_then_code_changed_trains_afresh_and_keeps_the_state(project):
                          r"training code; it resumes if those come back, or delete it", changed), changed
         assert "resuming" not in changed and state.exists()
         assert client.get_run(killed.info.run_id).info.status == "KILLED"
-        fresh = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")
+        fresh = merged(train_dir(repo, "task3e"), "train.json", "run.json")
         assert fresh["mlflow_run_id"] != killed.info.run_id and client.get_run(fresh["mlflow_run_id"]).info.status == "FINISHED"
         (repo / "src" / "cifarcnn" / "training.py").write_text(code)
         back = sh(["dvc", "repro", "train@task3e-0"], repo, env)
         assert re.search(r"resuming task3e from step \d+", back), back
-        assert merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")["mlflow_run_id"] == killed.info.run_id
+        assert merged(train_dir(repo, "task3e"), "train.json", "run.json")["mlflow_run_id"] == killed.info.run_id
         assert not list(folder.glob("resume-*"))
     finally:
         (repo / "src" / "cifarcnn" / "training.py").write_text(code)
@@ -832,7 +833,7 @@ def test_queued_experiments_beside_a_training_workspace_keep_their_own_runs(proj
     finally:
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)
         (repo / "params.yaml").write_text(original)
-    mine = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")
+    mine = merged(train_dir(repo, "task3e"), "train.json", "run.json")
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     run = client.get_run(mine["mlflow_run_id"])
     assert run.info.status == "FINISHED" and float(run.data.params["lr"]) == lr
@@ -852,7 +853,7 @@ def test_failed_run_then_fixed_brings_results_back_without_training(project):
     repo, env, _ = project
     original = (repo / "params.yaml").read_text()
     sh(["dvc", "repro"], repo, env)  # the workspace as the params say
-    before = (repo / "results" / "task2" / "seed0" / "train.json").read_text()
+    before = (train_dir(repo, "task2") / "train.json").read_text()
     runs_before = len(mlflow_runs(repo))
     text = re.sub(r"(?m)^(  task2:.*\n(?:    .*\n)*?    lr:) \S+", r"\g<1> -1", original, count=1)
     assert text != original
@@ -862,7 +863,7 @@ def test_failed_run_then_fixed_brings_results_back_without_training(project):
     (repo / "params.yaml").write_text(original)
     restored = sh(["dvc", "repro"], repo, env)
     assert "train@task2-0" not in ran_stages(restored), restored
-    assert (repo / "results" / "task2" / "seed0" / "train.json").read_text() == before
+    assert (train_dir(repo, "task2") / "train.json").read_text() == before
     assert len(mlflow_runs(repo)) == runs_before
     assert up_to_date(sh(["dvc", "status"], repo, env))
 
@@ -874,7 +875,7 @@ def test_store_deleted_damaged_or_moved_under_dvc_repro(project, tmp_path):
     everything back."""
     repo, env, _ = project
     db, aside, target = repo / "mlflow.db", tmp_path / "mlflow.db", "evaluate@task2-0"
-    kept_eval = (repo / "results" / "task2" / "seed0" / "eval.json").read_bytes()
+    kept_eval = (eval_dir(repo, "task2") / "eval.json").read_bytes()
 
     def one_error(cwd: Path) -> str:
         out = sh(["dvc", "repro", "-f", "-s", target], cwd, env, ok=False)
@@ -895,7 +896,7 @@ def test_store_deleted_damaged_or_moved_under_dvc_repro(project, tmp_path):
     finally:
         shutil.move(aside, db)
     restored = sh(["dvc", "repro", "-s", target], repo, env)
-    assert ran_stages(restored) == [] and (repo / "results" / "task2" / "seed0" / "eval.json").read_bytes() == kept_eval
+    assert ran_stages(restored) == [] and (eval_dir(repo, "task2") / "eval.json").read_bytes() == kept_eval
 
     moved = tmp_path / "moved"
     shutil.move(repo, moved)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from fixtures import tiny_project
-from helpers import merged, ran_stages, sh, start_queue, wait_for_queue
+from helpers import eval_dir, merged, ran_stages, sh, start_queue, train_dir, wait_for_queue
 
 from cifarcnn.teamstack import Stack, _alive, _holders, _port_free, _write_internal_certs, free_port
 
@@ -372,13 +372,13 @@ def test_pipeline_logs_everything_to_the_server_through_a_restart(team):
 
     runs = {r.data.tags.get("dvc_stage"): r for r in experiment_runs()}
     for name in RUNS:
-        info = merged(repo / "results" / name / "seed0", "train.json", "run.json")
-        evaluation = json.loads((repo / "results" / name / "seed0" / "eval.json").read_text())
+        info = merged(train_dir(repo, name), "train.json", "run.json")
+        evaluation = json.loads((eval_dir(repo, name) / "eval.json").read_text())
         run = runs[f"train@{name}-0"]
         assert run.info.run_id == info["mlflow_run_id"] and run.info.status == "FINISHED"
         assert _history_steps(run.info.run_id, "curves/train_loss") == list(range(1, info["steps"] + 1)), name
         assert len(_history_steps(run.info.run_id, "curves/val_acc")) == len(
-            (repo / "results" / name / "seed0" / "curves.csv").read_text().splitlines()) - 1, name
+            (train_dir(repo, name) / "curves.csv").read_text().splitlines()) - 1, name
         assert run.data.metrics["scores/test_acc"] == pytest.approx(evaluation["test_acc"])
     assert restart["run_id"] == runs["train@task4a-0"].info.run_id  # the run that lived through the restart
     exp = client().get_experiment_by_name(EXPERIMENT)
@@ -469,7 +469,7 @@ def test_queued_sweep_runs_two_at_once_through_a_database_restart(team, tmp_path
     assert "away_s" in restart, "PostgreSQL was not restarted during the sweep"
     MEASURED["postgres_restart_away_s"] = restart["away_s"]
 
-    workspace = merged(repo / "results" / "task3e" / "seed0", "train.json", "run.json")
+    workspace = merged(train_dir(repo, "task3e"), "train.json", "run.json")
     trained = [r for r in experiment_runs() if r.info.run_id not in before
                and r.data.tags.get("dvc_stage") == "train@task3e-0"]
     assert sorted(r.data.params["lr"] for r in trained) == ["0.004", "0.005", "0.006"]

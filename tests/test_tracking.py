@@ -6,13 +6,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import merged, tiny_dataset, tiny_run
+from helpers import eval_dir, merged, tiny_dataset, tiny_run
 from mlflow.tracking import MlflowClient
 
 from cifarcnn import tracking
 from cifarcnn.config import config_digest
 from cifarcnn.errors import UserError
 from cifarcnn.pipeline import train_and_track
+from cifarcnn.runfiles import run_dirs
 from cifarcnn.training import data_fingerprint
 
 
@@ -143,13 +144,13 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     ds = tiny_dataset(300, 60)
     ds.save(store / "data" / "cifar10.npz")
     cfg = tiny_run("task2", batch_size=32, evals_per_epoch=2)
-    trained = train_and_track(cfg, ds, store / "models" / "task2" / "seed0", store / "results" / "task2" / "seed0")
+    trained = train_and_track(cfg, ds, store / "models" / "task2" / "seed0", run_dirs("task2", 0, store / "results").trained)
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
                           capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
     warned = [line for line in (proc.stdout + proc.stderr).splitlines() if "WARNING" in line or "Warning" in line]
     assert warned == [], warned  # nothing a user cannot act on (MLflow's CloudPickle warning: the model is code)
-    evaluation = merged(store / "results" / "task2" / "seed0", "eval.json", "eval_detail.json")
+    evaluation = merged(eval_dir(store, "task2"), "eval.json", "eval_detail.json")
     assert evaluation["mlflow_run_id"] == trained["mlflow_run_id"]
     assert evaluation["val_loss"] == pytest.approx(trained["best_val_loss"], rel=1e-5)
     client = MlflowClient(tracking.tracking_uri())
@@ -184,16 +185,16 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     data = bytearray(original)
     data[-100] ^= 0xFF  # one byte flipped
     best.write_bytes(bytes(data))
-    before = (store / "results" / "task2" / "seed0" / "eval.json").read_bytes()
+    before = (eval_dir(store, "task2") / "eval.json").read_bytes()
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
                           capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {Path('models/task2/seed0/best.pt')} is not the checkpoint `train@task2-0` wrote (its sha256 differs "
         "from run.json's); rebuild it with `dvc repro --force train@task2-0`"]
-    assert (store / "results" / "task2" / "seed0" / "eval.json").read_bytes() == before
+    assert (eval_dir(store, "task2") / "eval.json").read_bytes() == before
     best.write_bytes(original)
     for name in ("curves.png", "confusion.png"):
-        assert (store / "results" / "task2" / "seed0" / name).read_bytes().startswith(b"\x89PNG")
+        assert (eval_dir(store, "task2") / name).read_bytes().startswith(b"\x89PNG")
     # A store that lost the run (another, empty one): the evaluation goes to a new run, with a
     # message, not a failure. (Not by deleting mlflow.db: this process still has it open.)
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
@@ -201,7 +202,7 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'fresh.db'}"})
     assert proc.returncode == 0, proc.stderr
     assert f"MLflow run {trained['mlflow_run_id']} of task2-0 is not in" in proc.stdout
-    assert json.loads((store / "results" / "task2" / "seed0" / "eval_detail.json").read_text())["mlflow_run_id"] != trained["mlflow_run_id"]
+    assert json.loads((eval_dir(store, "task2") / "eval_detail.json").read_text())["mlflow_run_id"] != trained["mlflow_run_id"]
     # The store itself gone (mlflow.db deleted) while results name its runs: one line, no new store.
     db = store / "mlflow.db"
     kept = db.read_bytes()
@@ -210,7 +211,7 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
                           capture_output=True, text=True, env=plain)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"error: {db} is missing, but 1 results name MLflow runs in it (e.g. results/task2/seed0/run.json); put it "
+        f"error: {db} is missing, but 1 results name MLflow runs in it (e.g. results/task2/seed0/train/run.json); put it "
         "back from a backup, or set CIFARCNN_NEW_STORE=1 to start a new store (those runs will not be in it; "
         "`dvc repro --force` logs them again)"]
     assert not db.exists()

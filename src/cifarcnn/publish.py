@@ -11,7 +11,7 @@ training loss as the 50-step block means that train_loss.csv keeps; the per-step
 only in the store that trained), the scores of eval.json, both figures and the served model
 (registered and ranked as the evaluate stage does), then the seeds' aggregates on the parents.
 
-Nothing is trained and no file of the checkout changes: results/<run>/seed<n>/run.json keeps
+Nothing is trained and no file of the checkout changes: results/<run>/seed<n>/train/run.json keeps
 naming the run that trained it. A published run carries ``published_from`` = that id, so a
 second publish to the same store logs nothing again; a seed whose training run the store
 already holds is skipped too. Checkpoints are checked against run.json's sha256 first.
@@ -51,7 +51,7 @@ def _published(client, exp_id: str, source_ids: list[str]) -> set[str]:
 def publish_seed(experiment: str, run_name: str, seed: dict, ds: Dataset, data_source: str | None) -> str:
     """One trained seed (an entry of report.load_results) into the current store; its new run id."""
     n = seed["seed"]
-    models, results = run_dirs(run_name, n)
+    models, trained, scored = run_dirs(run_name, n)
     info = seed["train"]
     cfg = RunConfig.from_dict(seed["config"])
     best = verified_checkpoint(models / BEST, info.get("checkpoint_sha256"), f"train@{run_name}-{n}")
@@ -69,7 +69,7 @@ def publish_seed(experiment: str, run_name: str, seed: dict, ds: Dataset, data_s
         run.log_dataset(*dataset)
         MlflowRun(run.client, parent).log_dataset(*dataset)
         run.log_params(cfg.flat_params())
-        curves = load_curves(results)
+        curves = load_curves(trained)
         now = int(time.time() * 1000)
         blocks = curves["blocks"]
         run.log_metrics([Metric(CURVES + "train_loss", float(m), now, int(s)) for s, m in zip(blocks["step"], blocks["mean"])])
@@ -77,7 +77,7 @@ def publish_seed(experiment: str, run_name: str, seed: dict, ds: Dataset, data_s
             run.log_validation(int(row["step"]), float(row["epoch"]), float(row["val_loss"]), float(row["val_acc"]))
         run.flush()
         metrics = {**seed["eval"], "device": info.get("device", "")}
-        pngs = [p for p in (results / "curves.png", results / "confusion.png") if p.exists()]
+        pngs = [p for p in (scored / "curves.png", scored / "confusion.png") if p.exists()]
         model = served_model(run_name, n, best, ds, info, seed["config"], metrics)
         log_evaluation(experiment, f"{run_name}-{n}", run.run_id, metrics, pngs, model)
         run.finish()

@@ -7,7 +7,7 @@ import pandas as pd
 
 from .convmath import parameter_table
 from .fsutil import read_json
-from .runfiles import CURVES_CSV, read_rows
+from .runfiles import CURVES_CSV, read_rows, run_dirs
 from .models import count_parameters, create_model, list_models
 from .stats import ALPHA, CONFIDENCE, MIN_SEEDS, claim_sentence, difference_text, paired, pooled_shift, summarize, verdict, welch
 
@@ -580,8 +580,8 @@ def results_markdown(results: dict[str, list[dict]], task1: dict, viz: dict | No
 
 
 def load_results(results_dir: Path, runs: list[str], seeds: list[int]) -> dict[str, list[dict]]:
-    """For each of ``runs``, its ``seeds`` that have both train.json and eval.json (with run.json,
-    eval_detail.json and config.json beside them), in the report's order. Only the seeds asked
+    """For each of ``runs``, its ``seeds`` that have both train/train.json and eval/eval.json (with
+    run.json, config.json and eval_detail.json beside them), in the report's order. Only the seeds asked
     for: a seed dropped from train.seeds leaves its folder behind, and it must not count."""
     def read(path: Path, *beside: str) -> dict:  # a metrics file and the non-numbers beside it
         out = read_json(path)
@@ -593,13 +593,13 @@ def load_results(results_dir: Path, runs: list[str], seeds: list[int]) -> dict[s
     found: dict[str, list[dict]] = {}
     for run in runs:
         for seed in seeds:
-            folder = Path(results_dir) / run / f"seed{seed}"
-            if (folder / "train.json").exists() and (folder / "eval.json").exists():
-                config_json = folder / "config.json"
+            _, trained, scored = run_dirs(run, seed, results_dir)
+            if (trained / "train.json").exists() and (scored / "eval.json").exists():
+                config_json = trained / "config.json"
                 found.setdefault(run, []).append({
-                    "seed": seed, "val_loss_rise": val_loss_rise(folder / CURVES_CSV),
-                    "train": read(folder / "train.json", "run.json"),
-                    "eval": read(folder / "eval.json", "eval_detail.json"),
+                    "seed": seed, "val_loss_rise": val_loss_rise(trained / CURVES_CSV),
+                    "train": read(trained / "train.json", "run.json"),
+                    "eval": read(scored / "eval.json", "eval_detail.json"),
                     "config": read_json(config_json) if config_json.exists() else None})
     order = {run: i for i, run in enumerate(REPORT_ORDER)}
     return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))

@@ -1,9 +1,20 @@
-"""Where a run's files live and what they are called: ``models/<run>/seed<n>/`` and
-``results/<run>/seed<n>/``, in one place for the stages that write and read them."""
+"""Where a run's files live and what they are called, in one place for the stages that write and
+read them:
+
+    models/<run>/seed<n>/best.pt          train@<run>-<n>'s checkpoint (resume states beside it)
+    results/<run>/seed<n>/train/          train@<run>-<n>: config.json, run.json, train.json, curves.csv, train_loss.csv
+    results/<run>/seed<n>/eval/           evaluate@<run>-<n>: eval.json, eval_detail.json, predictions.csv, curves.png, confusion.png
+
+Each of the two results folders is one DVC output, so dvc.lock holds one entry for it, not one
+per file. DVC parses and rewrites the whole dvc.lock after every stage (and `dvc exp run` reads it
+once more), so its length is paid per stage: a file per output made a seed's two stages 100 lock
+lines, the folders 55 (docs/speed.md: Cache boundaries).
+"""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import NamedTuple
 
 BEST = "best.pt"  # the checkpoint with the lowest validation loss (a DVC output)
 RESUME_GLOB = "resume-*.pt"  # the latest state of a killed run, one file per key; removed when the run ends
@@ -11,9 +22,19 @@ CURVES_CSV = "curves.csv"  # one row per validation: step, epoch, train_loss, va
 TRAIN_LOSS_CSV = "train_loss.csv"  # training loss, mean and std over 50-step blocks (fewer for a short run)
 
 
-def run_dirs(run_name: str, seed: int) -> tuple[Path, Path]:
-    """(models/<run>/seed<seed>, results/<run>/seed<seed>): one folder per trained seed."""
-    return Path("models") / run_name / f"seed{seed}", Path("results") / run_name / f"seed{seed}"
+TRAINED, SCORED = "train", "eval"  # the two results folders of a seed (dvc.yaml names them too)
+
+
+class RunDirs(NamedTuple):
+    models: Path  # best.pt (a DVC output) and the resume states (not outputs: they must survive a kill)
+    trained: Path  # results/<run>/seed<n>/train/: what the train stage writes, one DVC output
+    scored: Path  # results/<run>/seed<n>/eval/: what the evaluate stage writes, one DVC output
+
+
+def run_dirs(run_name: str, seed: int, results: Path | str = "results") -> RunDirs:
+    """One trained seed's folders (relative to the repository, as the stages use them)."""
+    seed_dir = Path(results) / run_name / f"seed{seed}"
+    return RunDirs(Path("models") / run_name / f"seed{seed}", seed_dir / TRAINED, seed_dir / SCORED)
 
 
 def resume_file(folder: Path, key: str) -> Path:

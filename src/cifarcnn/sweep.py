@@ -149,8 +149,7 @@ def run_trial(point: dict, source: dict) -> dict:
         args = [f"-S{k}={v}" for k, v in point["params"].items()] + [f"-Strain.seeds=[{point['seed']}]"]
         sh("dvc", "exp", "run", "--name", point["name"], *args, *([] if source.get("cache") else ["--pull"]), target)
         sh("dvc", "exp", "push", "-f", *(["--no-cache"] if source.get("cache") else []), source["push_to"], point["name"])
-        _, results = run_dirs(source["run"], point["seed"])
-        scores = json.loads((repo / results / "eval.json").read_text())
+        scores = json.loads((repo / run_dirs(source["run"], point["seed"]).scored / "eval.json").read_text())
         return {**point, "eval": {k: scores[k] for k in EVAL_METRICS if k in scores}, "node": ray.util.get_node_ip_address()}
     except Exception as err:  # noqa: BLE001 - a failing point is one line; the others go on
         return {**point, "error": str(err).splitlines()[0][:400]}

@@ -29,6 +29,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .errors import UserError  # noqa: E402
+from .runfiles import TRAINED  # noqa: E402
 
 # MLflow metric names, grouped by what comes before the last "/". The charts view shows one
 # section per group, in alphabetical order (the ungrouped last), so the training curves come
@@ -118,7 +119,7 @@ def _refuse_a_lost_store(db: Path) -> None:
     without a word (the registry back at version 1, the report naming runs that are nowhere)."""
     if os.environ.get(NEW_STORE_ENV) == "1":
         return
-    named = sorted(p for p in (db.parent / "results").glob("*/seed*/run.json"))
+    named = sorted(p for p in (db.parent / "results").glob(f"*/seed*/{TRAINED}/run.json"))
     if named:
         raise UserError(
             f"{db} is missing, but {len(named)} results name MLflow runs in it (e.g. {named[0].relative_to(db.parent)}); "
