@@ -231,6 +231,37 @@ def test_cold_when_switched_off_or_the_folder_is_not_private(warm, tmp_path):
     assert not list(shared.iterdir()), "no server is started where others could connect to it"
 
 
+def test_a_stage_that_comes_while_the_server_starts_waits_for_it(warm, tmp_path):
+    """The first stage of a run starts a server and runs cold; the next one, while that server is
+    still importing torch and mlflow, waits for it and runs as its fork, instead of importing them
+    a second time. Nothing waits for a server that is gone, or for one that takes no stage
+    (<key>.cold: torch initialised CUDA while importing)."""
+    import fcntl
+
+    work, env, _, _ = warm
+    folder = tmp_path / "fresh"
+    folder.mkdir(mode=0o700)
+    env = {**env, "CIFARCNN_WARM_DIR": str(folder)}
+    try:
+        first = run(work, env)
+        assert fields(first)[0] == "cold" and not list(folder.glob("*.sock")), _logs(folder)  # still importing
+        second = run(work, env)
+        assert fields(second)[0] == "warm", _logs(folder)
+        assert _logs(folder).count(" ready in ") == 1, _logs(folder)  # one server, and the second stage its fork
+    finally:
+        warm_launcher.stop(folder)
+
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    started = time.monotonic()
+    assert warm_launcher._wait_for_server(empty, "k") is None  # no server holds the lock
+    with open(empty / "k.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a server of that key would
+        (empty / "k.cold").touch()
+        assert warm_launcher._wait_for_server(empty, "k") is None
+    assert time.monotonic() - started < 5  # not WAIT_S
+
+
 def test_the_server_exits_when_idle_and_sweeps_other_keys_old_files(warm, tmp_path):
     """The server exits after CIFARCNN_WARM_IDLE_S; starting, it removed the files of other keys
     unused for 7 days, but not those of a key used since or whose lock a server holds."""

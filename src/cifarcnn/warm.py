@@ -5,8 +5,9 @@
 
 Importing torch, torchvision and mlflow costs a stage process 3-6 s of CPU on a 2-core machine
 (bench/results/tiny_cpu_*.json), more than a tiny stage's work. So the first stage that finds no
-server starts one in the background and runs cold itself; the server imports those libraries
-once, and every later stage (same Python, same packages, CPUs and start-up environment: _key)
+server starts one in the background and runs cold itself; a stage that comes while that server is
+still importing waits for it (at most WAIT_S) rather than import everything a second time; the
+server imports those libraries once, and every later stage (same Python, same packages, CPUs and start-up environment: _key)
 is a fork of it, like multiprocessing's forkserver or Android's zygote. The fork gets the
 stage's argv, working directory, environment, umask and stdin/stdout/stderr (the file
 descriptors themselves), imports the project's modules afresh from the stage's own sys.path
@@ -48,6 +49,11 @@ PRELOAD = ("torch", "torchvision", "mlflow", "matplotlib", "matplotlib.pyplot", 
 # thread pools' of OpenMP, MKL and BLAS (torch.get_num_threads follows OMP_NUM_THREADS at import).
 STARTUP_ENV = ("PYTHON", "LC_", "LANG", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_")
 IDLE_S = float(os.environ.get("CIFARCNN_WARM_IDLE_S", "60"))  # seconds with no stage before the server exits
+# Seconds a stage waits for a server that is still importing before it runs cold instead. A
+# server is ready 5-9 s after it starts on 2 quiet cores, and the stages that come meanwhile
+# (download, configure, split, the first train) each import torch cold for 2.5-4 s: waiting
+# costs them less than that, and CPU the server needs goes to neither.
+WAIT_S = 60.0
 STALE_S = 7 * 86400  # seconds: another key's files unused this long are removed when a server starts
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 LAUNCHER_ENV = "CIFARCNN_WARM_LAUNCHER"  # in a fork: the pid of the process DVC started for it (errors.py reads it)
@@ -138,19 +144,54 @@ def _cold(argv: list[str]) -> None:
     os.execv(sys.executable, [sys.executable, *argv])
 
 
-def _start_server(folder: Path, key: str, path: list[str]) -> None:
-    """Start the server in the background, unless one is starting (it holds <key>.lock)."""
+def _start_server(folder: Path, key: str, path: list[str]) -> bool:
+    """Start the server in the background; False when one holds <key>.lock (starting or running).
+    The lock goes to the server still held (the same open file), so no second stage can take it
+    in between and start another."""
+    lock = open(folder / f"{key}.lock", "a")
     try:
-        with open(folder / f"{key}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: no server holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: no server holds it
     except OSError:
-        return
+        lock.close()
+        return False
     env = dict(os.environ)  # the server must import cifarcnn.warm from "/" as the stage would from its folder
     if env.get("PYTHONPATH"):
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
-    with open(folder / f"{key}.log", "ab") as log:
-        subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", "--serve", str(folder), key], cwd="/", env=env,
-                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    with lock, open(folder / f"{key}.log", "ab") as log:
+        subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", "--serve", str(folder), key, str(lock.fileno())],
+                         cwd="/", env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                         close_fds=True, pass_fds=(lock.fileno(),))
+    return True
+
+
+def _connect(folder: Path, key: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(folder / f"{key}.sock"))
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def _wait_for_server(folder: Path, key: str) -> socket.socket | None:
+    """A connection to the server that holds <key>.lock once it is ready; None when it stops
+    holding the lock first (it failed, or it exited), when it said it takes no stage
+    (<key>.cold), or after WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        sock = _connect(folder, key)
+        if sock is not None:
+            return sock
+        if (folder / f"{key}.cold").exists():
+            return None
+        try:
+            with open(folder / f"{key}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: no server holds it any more
+            return None
+        except OSError:
+            time.sleep(0.05)
+    return None
 
 
 def launch(argv: list[str]) -> None:
@@ -160,13 +201,13 @@ def launch(argv: list[str]) -> None:
     if folder is None:
         _cold(argv)
     key = _key(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(folder / f"{key}.sock"))
-    except OSError:
-        sock.close()
-        _start_server(folder, key, path)
-        _cold(argv)
+    sock = _connect(folder, key)
+    if sock is None:
+        if _start_server(folder, key, path):  # none was running: this stage runs cold while it starts
+            _cold(argv)
+        sock = _wait_for_server(folder, key)  # one is starting: its fork beats importing everything again
+        if sock is None:
+            _cold(argv)
     request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": path, "pid": os.getpid(),
                "umask": _umask()}
     child: list[int] = []  # the fork's pid, once the server has told it
@@ -242,7 +283,7 @@ def _sweep(folder: Path, key: str) -> None:
         other = lock_path.stem
         if other == key:
             continue
-        files = [folder / f"{other}.log", folder / f"{other}.sock", lock_path]
+        files = [folder / f"{other}.log", folder / f"{other}.sock", folder / f"{other}.cold", lock_path]
         try:
             used = max(p.stat().st_mtime for p in files if p.exists())  # the log: a line per stage
             if now - used < STALE_S:
@@ -269,12 +310,10 @@ def _mlflow_package_map() -> None:
         pass
 
 
-def serve(folder: Path, key: str) -> None:
-    lock = open(folder / f"{key}.lock", "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return  # another server for this key is starting or running
+def serve(folder: Path, key: str, lock_fd: int) -> None:
+    """Serve stages of ``key`` until idle; ``lock_fd``: <key>.lock, locked by the stage that
+    started this server (held for this process's life: it is how stages know a server is here)."""
+    lock = os.fdopen(lock_fd, "a")  # noqa: SIM115 - held open until this process ends
     started = time.monotonic()
     _sweep(folder, key)
     # Should anything ask torch.cuda.is_available() here, NVML answers: the CUDA driver, once
@@ -288,7 +327,12 @@ def serve(folder: Path, key: str) -> None:
     _mlflow_package_map()
     if sys.modules["torch"].cuda.is_initialized():  # hold the lock, take no stage: they run cold meanwhile
         _log(f"torch initialised CUDA while importing: a fork could not use it; stages run cold for {IDLE_S:.0f} s")
-        time.sleep(IDLE_S)
+        cold = folder / f"{key}.cold"  # so that no stage waits for this server
+        cold.touch()
+        try:
+            time.sleep(IDLE_S)
+        finally:
+            cold.unlink(missing_ok=True)
         return
     sock_path = folder / f"{key}.sock"
     sock_path.unlink(missing_ok=True)
@@ -529,8 +573,8 @@ def _reopen_stdio(env: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["--serve"] and len(argv) == 3:
-        serve(Path(argv[1]), argv[2])
+    if argv[:1] == ["--serve"] and len(argv) == 4:
+        serve(Path(argv[1]), argv[2], int(argv[3]))
         return
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: python -m cifarcnn.warm <script> [args...]\n\n{__doc__.strip()}")
