@@ -342,3 +342,28 @@ def test_architecture_tables_are_the_reports_but_task3e_second_dropout():
     assert "**`task3a_model2`** (model `task3_model2`, 826,730 parameters). Layer for layer as the report's Table 6." in text
     assert "Differs from the report's Table 10: row 17: ours Dropout(0.1), the report's Dropout(0.2)." in text
     assert re.search(r"\| Conv2D +\| 32 +\| ReLU +\| 5×5, stride 1, padding 2 +\| 32×32×32 +\|", text)
+
+
+def test_the_old_layout_moves_into_the_folders(tmp_path):
+    """`python -m cifarcnn.runfiles` (README, "Upgrading"): a workspace trained before session 18
+    had each seed's files side by side in results/<run>/seed<n>/; they move into train/ and eval/,
+    where the report reads exactly what it read before; a second run moves nothing."""
+    import subprocess
+    import sys
+
+    results = tmp_path / "results"
+    _fake_results(results, ["task2", "task3e"], seeds=(0, 1))
+    expected = report.load_results(results, ["task2", "task3e"], [0, 1])
+    for folder in results.glob("*/seed*/*"):  # back to the old layout
+        for file in folder.iterdir():
+            file.replace(folder.parent / file.name)
+        folder.rmdir()
+    (results / "task2" / "seed0" / "notes.txt").write_text("mine")  # not the stages': left alone
+    assert report.load_results(results, ["task2", "task3e"], [0, 1]) == {}
+    run = [sys.executable, "-m", "cifarcnn.runfiles"]
+    out = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("moved 16 file(s) into results/<run>/seed<n>/{train,eval}/; now run `dvc commit -f`"), out
+    assert report.load_results(results, ["task2", "task3e"], [0, 1]) == expected
+    assert (results / "task2" / "seed0" / "notes.txt").read_text() == "mine"
+    again = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert again.strip() == "moved 0 file(s) into results/<run>/seed<n>/{train,eval}/", again

@@ -58,3 +58,32 @@ def load_curves(results_dir: Path) -> dict:
     blocks = read_rows(results_dir / TRAIN_LOSS_CSV)
     return {"blocks": {c: [row[c] for row in blocks] for c in ("step", "mean", "std")},
             "validations": read_rows(results_dir / CURVES_CSV)}
+
+
+# --- from the layout before session 18 -------------------------------------------------------
+# A workspace trained before then has each seed's files side by side in results/<run>/seed<n>/.
+# Moving them into the folders and `dvc commit -f` records them as they are: the files, their
+# numbers and their MLflow runs are the same, so nothing needs to re-train (2.5 h on a CPU).
+TRAIN_FILES = ("config.json", "run.json", "train.json", CURVES_CSV, TRAIN_LOSS_CSV)
+EVAL_FILES = ("eval.json", "eval_detail.json", "predictions.csv", "curves.png", "confusion.png")
+
+
+def into_folders(results: Path | str = "results") -> list[Path]:
+    """Move every seed's files of the old layout into its train/ and eval/ folders; the files
+    moved (none when there is nothing to move: running it twice is harmless)."""
+    moved = []
+    for seed_dir in sorted(Path(results).glob("*/seed*")):
+        for names, folder in ((TRAIN_FILES, TRAINED), (EVAL_FILES, SCORED)):
+            for name in names:
+                old = seed_dir / name
+                if old.is_file():
+                    (seed_dir / folder).mkdir(exist_ok=True)
+                    old.replace(seed_dir / folder / name)
+                    moved.append(seed_dir / folder / name)
+    return moved
+
+
+if __name__ == "__main__":  # python -m cifarcnn.runfiles: the upgrade step (README, "Upgrading")
+    files = into_folders()
+    print(f"moved {len(files)} file(s) into results/<run>/seed<n>/{{{TRAINED},{SCORED}}}/"
+          + ("; now run `dvc commit -f` to record them, and nothing re-trains" if files else ""))
