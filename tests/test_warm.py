@@ -251,6 +251,22 @@ def test_a_stage_that_comes_while_the_server_starts_waits_for_it(warm, tmp_path)
     finally:
         warm_launcher.stop(folder)
 
+    # Ctrl-C while it waits: the stage ends at once with SIGINT's status, no traceback, nothing ran.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir(mode=0o700)
+    key = subprocess.run([sys.executable, "-c", "import sys; from cifarcnn.warm import _key; print(_key(sys.path[1:]))"],
+                         env=env, cwd=work, capture_output=True, text=True, timeout=60).stdout.strip()
+    with open(blocked / f"{key}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a server of that key, still importing
+        proc = subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", "s.py"], cwd=work,
+                                env={**env, "CIFARCNN_WARM_DIR": str(blocked)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert proc.poll() is None  # waiting for that server
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out, err) == (128 + signal.SIGINT, "", "")
+
     empty = tmp_path / "empty"
     empty.mkdir(mode=0o700)
     started = time.monotonic()

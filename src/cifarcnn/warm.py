@@ -5,16 +5,16 @@
 
 Importing torch, torchvision and mlflow costs a stage process 3-6 s of CPU on a 2-core machine
 (bench/results/tiny_cpu_*.json), more than a tiny stage's work. So the first stage that finds no
-server starts one in the background and runs cold itself; a stage that comes while that server is
-still importing waits for it (at most WAIT_S) rather than import everything a second time; the
-server imports those libraries once, and every later stage (same Python, same packages, CPUs and start-up environment: _key)
-is a fork of it, like multiprocessing's forkserver or Android's zygote. The fork gets the
-stage's argv, working directory, environment, umask and stdin/stdout/stderr (the file
-descriptors themselves), imports the project's modules afresh from the stage's own sys.path
-(an edit is never served stale), and runs the script as ``__main__``. This process stays the
-stage for DVC: it forwards SIGINT/SIGTERM/SIGHUP to the fork and ends with the fork's status (a
-fork killed by a signal kills this process with the same signal). If this process dies (SIGKILL
-included), the server SIGKILLs the fork at once.
+server starts one in the background and runs cold itself; a stage that comes while that server
+is still importing waits for it (at most WAIT_S) rather than import everything a second time.
+The server imports those libraries once, and every later stage (same Python, same packages, CPUs
+and start-up environment: _key) is a fork of it, like multiprocessing's forkserver or Android's
+zygote. The fork gets the stage's argv, working directory, environment, umask and
+stdin/stdout/stderr (the file descriptors themselves), imports the project's modules afresh from
+the stage's own sys.path (an edit is never served stale), and runs the script as ``__main__``.
+This process stays the stage for DVC: it forwards SIGINT/SIGTERM/SIGHUP to the fork and ends
+with the fork's status (a fork killed by a signal kills this process with the same signal). If
+this process dies (SIGKILL included), the server SIGKILLs the fork at once.
 
 The server listens on a Unix socket in a folder only this user can open (checked), answers
 only this user's processes (SO_PEERCRED), and exits after CIFARCNN_WARM_IDLE_S (default 60)
@@ -205,7 +205,10 @@ def launch(argv: list[str]) -> None:
     if sock is None:
         if _start_server(folder, key, path):  # none was running: this stage runs cold while it starts
             _cold(argv)
-        sock = _wait_for_server(folder, key)  # one is starting: its fork beats importing everything again
+        try:
+            sock = _wait_for_server(folder, key)  # one is starting: its fork beats importing everything again
+        except KeyboardInterrupt:  # stopped while waiting, before anything ran: no traceback
+            os._exit(128 + signal.SIGINT)
         if sock is None:
             _cold(argv)
     request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": path, "pid": os.getpid(),
