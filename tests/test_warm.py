@@ -83,6 +83,10 @@ def _logs(folder: Path) -> str:
     return "".join(p.read_text() for p in folder.glob("*.log"))
 
 
+# The server key a stage launched with this environment gets (cifarcnn.warm._key of its sys.path).
+KEY_COMMAND = [sys.executable, "-c", "import sys; from cifarcnn.warm import _key; print(_key(sys.path[1:]))"]
+
+
 def fields(proc: subprocess.CompletedProcess) -> list[str]:
     return proc.stdout.splitlines()[0].split("|")
 
@@ -126,8 +130,7 @@ def test_other_thread_settings_or_cpus_get_a_server_of_their_own(warm):
     assert fields(back)[0] == "warm" and fields(back)[9] == fresh_threads(env, None)
 
     assert len(os.sched_getaffinity(0)) >= 2, "the CPU-binding case needs a machine with 2 CPUs or more"
-    key = [sys.executable, "-c", "import sys; from cifarcnn.warm import _key; print(_key(sys.path[1:]))"]
-    keys = [subprocess.run(key, env=env, preexec_fn=preexec, capture_output=True, text=True, timeout=60).stdout
+    keys = [subprocess.run(KEY_COMMAND, env=env, preexec_fn=preexec, capture_output=True, text=True, timeout=60).stdout
             for preexec in (None, None, lambda: os.sched_setaffinity(0, {0}))]
     assert keys[0] and keys[0] == keys[1] != keys[2], keys
     assert fresh_threads(env, lambda: os.sched_setaffinity(0, {0})) == "1"  # which a fork of the first would not have
@@ -254,8 +257,7 @@ def test_a_stage_that_comes_while_the_server_starts_waits_for_it(warm, tmp_path)
     # Ctrl-C while it waits: the stage ends at once with SIGINT's status, no traceback, nothing ran.
     blocked = tmp_path / "blocked"
     blocked.mkdir(mode=0o700)
-    key = subprocess.run([sys.executable, "-c", "import sys; from cifarcnn.warm import _key; print(_key(sys.path[1:]))"],
-                         env=env, cwd=work, capture_output=True, text=True, timeout=60).stdout.strip()
+    key = subprocess.run(KEY_COMMAND, env=env, cwd=work, capture_output=True, text=True, timeout=60).stdout.strip()
     with open(blocked / f"{key}.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a server of that key, still importing
         proc = subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", "s.py"], cwd=work,
