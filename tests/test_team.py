@@ -23,7 +23,7 @@ import pytest
 from fixtures import tiny_project
 from helpers import eval_dir, merged, ran_stages, sh, start_queue, train_dir, wait_for_queue
 
-from cifarcnn.teamstack import Stack, _alive, _holders, _port_free, _write_internal_certs, free_port
+from cifarcnn.teamstack import Stack, _alive, _group_alive, _holders, _port_free, _terminate, _write_internal_certs, free_port
 
 pytestmark = pytest.mark.smoke
 EXPERIMENT = "cifar10-cnn-report"
@@ -281,6 +281,32 @@ def test_dvc_remote_keys_go_to_config_local_even_when_they_look_like_options(tmp
     assert remote.strip() == "-f1yG5dGAJZN-8vmiJbciPVakpP-TYHs"
     assert sh([sys.executable, "-m", "dvc", "config", "remote.team.access_key_id"], repo, dict(os.environ)).strip() == \
         "AK#%@:/x"
+
+
+def test_a_service_this_process_started_is_gone_once_it_exits():
+    """A service the stack spawned from this process stays a zombie until waited for, and
+    killpg(pgid, 0) still finds it: `stop` (and each restart) used to wait out SIGTERM's and
+    SIGKILL's timeouts, 10 s a service, for processes long gone. A group member that still runs
+    keeps the group alive."""
+    def zombie(pid: int) -> bool:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+    gone = subprocess.Popen(["sh", "-c", "exit 0"], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not zombie(gone.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(gone.pid, 0)  # still found: the case that made `stop` wait
+    assert not _group_alive(gone.pid)
+
+    # The leader exits, its child (same group) runs on: alive until that one is stopped too.
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    child = int(leader.stdout.readline())
+    leader.wait()
+    assert _group_alive(leader.pid) and _alive(child)
+    _terminate(leader.pid, group=True)
+    assert not _group_alive(leader.pid)
+    assert not Path(f"/proc/{child}").exists() or zombie(child)  # killed; its new parent reaps it
 
 
 def test_ports_stay_the_same_across_starts_and_a_taken_one_is_an_error(tmp_path, monkeypatch):

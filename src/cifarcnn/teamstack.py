@@ -193,6 +193,27 @@ def _alive(pid: int) -> bool:
             return False
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs. A member that exited and awaits its parent's
+    wait() (a zombie: a service this process spawned) holds no file or port and counts as gone;
+    killpg(pgid, 0) alone would count it, and `stop` would wait out every timeout."""
+    _alive(pgid)  # the leader, when it is our child: reaped here if it exited
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def _last_line(log: Path) -> str:
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
     return lines[-1].strip()[:300] if lines else "no output"
@@ -704,13 +725,7 @@ def _terminate(pid: int, group: bool, timeout: float = 5) -> None:
     (a server waiting on idle keep-alive connections would hold its port for long), and wait
     until it is gone, and its ports with it, before anything is started again."""
     def gone() -> bool:
-        if not group:
-            return not _alive(pid)
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
+        return not (_group_alive(pid) if group else _alive(pid))
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
