@@ -4,6 +4,7 @@ only without importing torch and mlflow itself once a server is up. The smoke pr
 stage of `dvc repro` this way (tests/test_smoke.py checks the server's log)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -294,6 +295,9 @@ def test_the_server_exits_when_idle_and_sweeps_other_keys_old_files(warm, tmp_pa
             (folder / f"{other}{suffix}").write_text("")
             os.utime(folder / f"{other}{suffix}", (old, old))
     os.utime(folder / "recent.log")  # a stage ran under that key lately: its log is new, its lock is not
+    for name, when in (("packages-stale.json", old), ("packages-recent.json", time.time() - 86400)):
+        (folder / name).write_text("{}")
+        os.utime(folder / name, (when, when))
     env = {**env, "CIFARCNN_WARM_DIR": str(folder), "CIFARCNN_WARM_IDLE_S": "1"}
     with open(folder / "held.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a server of that key would
@@ -304,7 +308,44 @@ def test_the_server_exits_when_idle_and_sweeps_other_keys_old_files(warm, tmp_pa
             time.sleep(0.2)
     assert not list(folder.glob("*.sock")) and "ready in" in _logs(folder)
     left = {p.name for p in folder.iterdir()}
-    assert not {"stale.lock", "stale.log"} & left and {"recent.lock", "recent.log", "held.lock", "held.log"} <= left, left
+    assert not {"stale.lock", "stale.log", "packages-stale.json"} & left, left
+    assert {"recent.lock", "recent.log", "held.lock", "held.log", "packages-recent.json"} <= left, left
+
+
+def test_mlflows_package_map_is_kept_until_a_package_is_installed(tmp_path, monkeypatch):
+    """The server's map of installed packages (what MLflow checks a logged model's requirements
+    against) is read from the socket folder instead of built again, by every server on the same
+    packages, until a distribution is installed or removed in a folder on the import path."""
+    from mlflow.utils import requirements_utils as req
+
+    site = tmp_path / "site"
+    (site / "empty-0.dist-info").mkdir(parents=True)  # a folder on the path that holds distributions
+    monkeypatch.syspath_prepend(str(site))
+    folder = tmp_path / "w"
+    folder.mkdir()
+
+    def build() -> dict:
+        monkeypatch.setattr(req, "_MODULES_TO_PACKAGES", None)
+        monkeypatch.setattr(req, "_PACKAGES_TO_MODULES", None)
+        warm_launcher._mlflow_package_map(folder)
+        return req._MODULES_TO_PACKAGES
+
+    first = build()
+    [saved] = folder.glob("packages-*.json")
+    assert "mlflow" in first["mlflow"] and json.loads(saved.read_text()) == first
+    assert set(req._PACKAGES_TO_MODULES) == {p for packages in first.values() for p in packages}  # its reverse
+    # What the file says is what the next server uses: mark it, and the mark comes back.
+    saved.write_text(json.dumps({**first, "marked_module": ["marked-package"]}))
+    assert build()["marked_module"] == ["marked-package"] and req._PACKAGES_TO_MODULES["marked-package"] == "marked_module"
+
+    time.sleep(0.05)  # a folder's mtime ticks at the kernel's clock resolution (a few ms)
+    dist = site / "newpkg-1.0.dist-info"  # `pip install newpkg`, as pip leaves it
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: newpkg\nVersion: 1.0\n")
+    (dist / "top_level.txt").write_text("newmod\n")
+    rebuilt = build()
+    assert rebuilt["newmod"] == ["newpkg"] and "marked_module" not in rebuilt
+    assert len(list(folder.glob("packages-*.json"))) == 2  # the new set's own; the old one waits for _sweep
 
 
 def test_every_dvc_stage_runs_through_the_launcher():

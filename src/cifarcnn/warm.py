@@ -280,7 +280,8 @@ def _log(msg: str) -> None:
 def _sweep(folder: Path, key: str) -> None:
     """Remove other keys' lock, log and socket once no stage has used them for STALE_S: every new
     interpreter, package set or environment makes a key, and nothing else would ever remove its
-    files. A key whose lock is held (its server is starting or running) is left alone."""
+    files. A key whose lock is held (its server is starting or running) is left alone. The same
+    for package maps (:func:`_packages_file`) no server has read for STALE_S."""
     now = time.time()
     for lock_path in folder.glob("*.lock"):
         other = lock_path.stem
@@ -297,19 +298,61 @@ def _sweep(folder: Path, key: str) -> None:
                     p.unlink(missing_ok=True)
         except (OSError, ValueError):  # held, or gone meanwhile
             continue
+    for packages in folder.glob("packages-*.json"):  # a package set no server has used for as long
+        try:
+            if now - packages.stat().st_mtime >= STALE_S:
+                packages.unlink()
+        except OSError:
+            continue
 
 
-def _mlflow_package_map() -> None:
+DIST_SUFFIXES = (".dist-info", ".egg-info")  # what importlib.metadata finds a distribution by
+
+
+def _packages_file(folder: Path) -> Path:
+    """Where the server keeps MLflow's package map for this set of installed distributions:
+    named by the import path's folders that hold one, with their mtimes. Installing, upgrading or
+    removing a distribution adds or removes a *.dist-info in one of them, which changes its
+    mtime, and so the name. Shared by every project copy on the same packages (each has a key of
+    its own: a DVC queue's, a sweep's)."""
+    stamp = []
+    for entry in sys.path:
+        try:
+            if any(name.endswith(DIST_SUFFIXES) for name in os.listdir(entry or ".")):
+                stamp.append([os.path.abspath(entry or "."), os.stat(entry or ".").st_mtime_ns])
+        except OSError:
+            continue
+    return folder / f"packages-{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}.json"
+
+
+def _mlflow_package_map(folder: Path) -> None:
     """Build MLflow's map of installed packages to their modules, which it builds on first use in
     every process: pyfunc.log_model (the evaluate stage) checks the model's pip requirements against
-    it, pyfunc.load_model too. Building it reads every installed package's file list, 1.8 s of CPU
-    here, more than the rest of an evaluate stage. Built once in the server, each fork has it. The
-    packages it lists are those of the server's start, as for the preloaded ones. MLflow names it
-    privately: should it go, stages only build it themselves again."""
+    it, pyfunc.load_model too. Building it reads every installed package's file list, 0.6-1.8 s of
+    CPU here, more than the rest of an evaluate stage. Built once in the server, each fork has it,
+    and kept in ``folder`` (:func:`_packages_file`), so the next server on the same packages reads
+    it instead. The packages it lists are those of the server's start, as for the preloaded ones.
+    MLflow names it privately: should it go, stages only build it themselves again."""
     try:
-        from mlflow.utils import requirements_utils
-        requirements_utils._init_packages_to_modules_map()
-    except (ImportError, AttributeError):
+        from mlflow.utils import requirements_utils as req
+    except ImportError:
+        return
+    saved = _packages_file(folder)
+    try:
+        modules = json.loads(saved.read_text())
+        if isinstance(modules, dict):
+            req._MODULES_TO_PACKAGES = modules
+            req._init_packages_to_modules_map()  # the reverse map, from it (milliseconds)
+            os.utime(saved)  # in use: _sweep keeps it
+            return
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    try:
+        req._init_packages_to_modules_map()  # builds _MODULES_TO_PACKAGES, which is None
+        tmp = saved.with_name(f"{saved.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(req._MODULES_TO_PACKAGES))
+        os.replace(tmp, saved)  # whole or not at all, for a server starting beside this one
+    except (OSError, TypeError, ValueError, AttributeError):
         pass
 
 
@@ -327,7 +370,7 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
     matplotlib.use("Agg")  # what cifarcnn.figures sets: stages are headless
     for name in PRELOAD:
         importlib.import_module(name)
-    _mlflow_package_map()
+    _mlflow_package_map(folder)
     if sys.modules["torch"].cuda.is_initialized():  # hold the lock, take no stage: they run cold meanwhile
         _log(f"torch initialised CUDA while importing: a fork could not use it; stages run cold for {IDLE_S:.0f} s")
         cold = folder / f"{key}.cold"  # so that no stage waits for this server
