@@ -83,6 +83,10 @@ def test_import_reading_follows_every_form(tmp_path):
     assert {p.name for p in project_modules(script)} >= {"convmath.py", "__init__.py"}
     # a package file named as code to run (MLflow runs served_model.py to build the served model)
     assert "cifarcnn.served_model" in direct_imports(ROOT / "src" / PACKAGE / "serving.py")
+    # Read once a process, but an edit is seen at once, even one of the same size a moment later.
+    script.write_text("def f():\n    import cifarcnn.runfiles\n")
+    assert {p.name for p in project_modules(script)} >= {"runfiles.py", "__init__.py"}
+    assert "convmath.py" not in {p.name for p in project_modules(script)}
 
 
 def test_the_module_table_is_current():
