@@ -193,3 +193,16 @@ def test_final_model_is_a_dvc_artifact_written_by_its_train_stage():
         artifact = repo.artifacts.read()["dvc.yaml"]["cifar10-task3e"]
         outs = {str(o) for s in repo.index.stages if s.addressing == "train@task3e-0" for o in s.outs}
     assert artifact.type == "model" and artifact.desc and artifact.path in outs, (artifact, outs)
+
+
+def test_dvc_reads_yaml_with_the_c_loader():
+    """DVC reads dvc.lock, dvc.yaml and params.yaml with ruamel.yaml, whose C loader became an
+    extra in 0.19: without it (pyproject's ruamel.yaml.clib) each read of a 1,000-line lock took
+    0.19 s instead of 0.02 s. DVC's own reader, on this project's lock, with the C parser."""
+    from dvc.utils.serialize import _yaml
+    from ruamel.yaml import YAML
+    from ruamel.yaml.main import CParser
+
+    assert CParser is not None and YAML(typ="safe").Parser is CParser
+    lock = (ROOT / "dvc.lock").read_text()
+    assert _yaml.parse_yaml(lock, "dvc.lock")["stages"]["code"]["cmd"] == "python -m cifarcnn.warm stages/code.py"
