@@ -349,7 +349,7 @@ def _mlflow_package_map(folder: Path) -> None:
         pass
     try:
         req._init_packages_to_modules_map()  # builds _MODULES_TO_PACKAGES, which is None
-        tmp = saved.with_name(f"{saved.name}.{os.getpid()}")
+        tmp = saved.with_name(f"{saved.stem}.{os.getpid()}.json")  # packages-*.json: _sweep's, should it stay
         tmp.write_text(json.dumps(req._MODULES_TO_PACKAGES))
         os.replace(tmp, saved)  # whole or not at all, for a server starting beside this one
     except (OSError, TypeError, ValueError, AttributeError):
