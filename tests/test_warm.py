@@ -110,6 +110,22 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_s
     assert "s.py stdin two words (pid " in _logs(folder) and ": exit 0 after" in _logs(folder)
 
 
+def test_the_server_imports_what_no_train_stage_needs_between_stages(warm):
+    """The server takes stages once torch, torchvision and MLflow are imported; pyplot and
+    scipy.stats (the figures', the report's: 0.8-1.1 s) it imports after that, while no stage is
+    asking, so a fork taken after that has them."""
+    work, env, folder, _ = warm
+    deadline = time.monotonic() + 300
+    while f"{', '.join(warm_launcher.LATER)} imported" not in _logs(folder):
+        assert time.monotonic() < deadline, _logs(folder)
+        time.sleep(0.2)
+    (work / "later.py").write_text("import sys\nprint(*(name in sys.modules for name in sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-m", "cifarcnn.warm", "later.py", "torch", *warm_launcher.LATER], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True"] * (1 + len(warm_launcher.LATER)), (proc, _logs(folder))
+    assert not set(warm_launcher.LATER) & set(warm_launcher.PRELOAD)
+
+
 def test_other_thread_settings_or_cpus_get_a_server_of_their_own(warm):
     """torch sizes its thread pool when it is imported, from OMP_NUM_THREADS and the CPUs the
     process may use, and a fork keeps its server's pool. So a stage with another OMP_NUM_THREADS

@@ -42,9 +42,13 @@ import time
 from pathlib import Path
 
 # What stages would import cold, and MLflow's sqlite store (sqlalchemy, alembic), which it imports
-# on first use: 4-5 s of CPU once here instead of in every stage (scipy.stats: the report's tests).
-PRELOAD = ("torch", "torchvision", "mlflow", "matplotlib", "matplotlib.pyplot", "scipy.stats", "mlflow.pyfunc",
+# on first use: 4-5 s of CPU once here instead of in every stage. The server takes stages once
+# PRELOAD is imported; LATER (0.8-1.1 s: the figures' pyplot, the report's scipy.stats), which no
+# train stage needs, it imports while no stage is asking for it (between stages, beside a
+# running fork); a stage forked before then imports what it uses of it itself.
+PRELOAD = ("torch", "torchvision", "mlflow", "matplotlib", "mlflow.pyfunc",
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils")
+LATER = ("matplotlib.pyplot", "scipy.stats")
 # Environment read once at start-up, so a fork keeps the server's: Python's, libc's locale, and the
 # thread pools' of OpenMP, MKL and BLAS (torch.get_num_threads follows OMP_NUM_THREADS at import).
 STARTUP_ENV = ("PYTHON", "LC_", "LANG", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_")
@@ -399,9 +403,20 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
     sel.register(listener, selectors.EVENT_READ, "accept")
     sel.register(wake_r, selectors.EVENT_READ, "child")
     running: dict[int, tuple[socket.socket, str, float]] = {}  # fork pid -> (its stage's socket, what, start)
+    later = list(LATER)
     idle_since = time.monotonic()
     while running or time.monotonic() - idle_since < IDLE_S:
-        for sk, _ in sel.select(timeout=1.0):
+        events = sel.select(timeout=0 if later else 1.0)
+        if not events and later:  # nobody waiting: one more module, then look again
+            name = later.pop(0)
+            try:
+                importlib.import_module(name)
+            except Exception as err:  # noqa: BLE001 - the stages that use it import it, and fail, themselves
+                _log(f"could not import {name} ({type(err).__name__}: {err}); stages import it themselves")
+            if not later:
+                _log(f"{', '.join(LATER)} imported")
+            continue
+        for sk, _ in events:
             if sk.data == "accept":
                 conn, _ = listener.accept()
                 uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
