@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from fixtures import tiny_project
-from helpers import eval_dir, merged, ran_stages, sh, start_queue, train_dir, wait_for_queue
+from helpers import eval_dir, merged, proc_state, ran_stages, sh, start_queue, train_dir, wait_for_queue
 
 from cifarcnn.teamstack import Stack, _alive, _group_alive, _holders, _port_free, _terminate, _write_internal_certs, free_port
 
@@ -288,12 +288,9 @@ def test_a_service_this_process_started_is_gone_once_it_exits():
     killpg(pgid, 0) still finds it: `stop` (and each restart) used to wait out SIGTERM's and
     SIGKILL's timeouts, 10 s a service, for processes long gone. A group member that still runs
     keeps the group alive."""
-    def zombie(pid: int) -> bool:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-
     gone = subprocess.Popen(["sh", "-c", "exit 0"], start_new_session=True)
     deadline = time.monotonic() + 30
-    while not zombie(gone.pid):
+    while proc_state(gone.pid) != "Z":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(gone.pid, 0)  # still found: the case that made `stop` wait
@@ -306,7 +303,7 @@ def test_a_service_this_process_started_is_gone_once_it_exits():
     assert _group_alive(leader.pid) and _alive(child)
     _terminate(leader.pid, group=True)
     assert not _group_alive(leader.pid)
-    assert not Path(f"/proc/{child}").exists() or zombie(child)  # killed; its new parent reaps it
+    assert proc_state(child) in ("gone", "Z")  # killed; its new parent reaps it
 
 
 def test_ports_stay_the_same_across_starts_and_a_taken_one_is_an_error(tmp_path, monkeypatch):
