@@ -413,8 +413,8 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
                 importlib.import_module(name)
             except Exception as err:  # noqa: BLE001 - the stages that use it import it, and fail, themselves
                 _log(f"could not import {name} ({type(err).__name__}: {err}); stages import it themselves")
-            if not later:
-                _log(f"{', '.join(LATER)} imported")
+            if not later:  # names only what did import: a failure was logged above
+                _log(f"{', '.join(n for n in LATER if n in sys.modules)} imported")
             continue
         for sk, _ in events:
             if sk.data == "accept":
