@@ -111,9 +111,9 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_s
 
 
 def test_the_server_imports_what_no_train_stage_needs_between_stages(warm):
-    """The server takes stages once torch, torchvision and MLflow are imported; pyplot and
-    scipy.stats (the figures', the report's: 0.8-1.1 s) it imports after that, while no stage is
-    asking, so a fork taken after that has them."""
+    """The server takes stages once torch and MLflow are imported; torchvision, pyplot,
+    scipy.stats and tabulate (2.5-3 s) it imports after that, while no stage is asking, so a fork
+    taken after that has them."""
     work, env, folder, _ = warm
     deadline = time.monotonic() + 300
     while f"{', '.join(warm_launcher.LATER)} imported" not in _logs(folder):
@@ -124,6 +124,21 @@ def test_the_server_imports_what_no_train_stage_needs_between_stages(warm):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.split() == ["True"] * (1 + len(warm_launcher.LATER)), (proc, _logs(folder))
     assert not set(warm_launcher.LATER) & set(warm_launcher.PRELOAD)
+
+
+def test_the_stages_before_the_first_evaluate_import_nothing_the_server_imports_later():
+    """Why the server may take stages before LATER is imported: the scripts a `dvc repro` from
+    scratch runs before its first evaluate stage, imported as a stage imports them, import none of
+    it (building task4a's ResNet18 imports torchvision, when that stage runs)."""
+    scripts = [f"stages/{name}.py" for name in ("code", "source", "download", "configure", "split", "train")]
+    code = ("import runpy, sys\n"
+            "for script in sys.argv[2:]:\n"
+            "    runpy.run_path(script, run_name='imported')  # its imports and definitions, not main\n"
+            "print(*sorted(m for m in sys.argv[1].split(',') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code, ",".join(warm_launcher.LATER), *scripts], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == [], proc
+    assert "torchvision" in warm_launcher.LATER and "mlflow" in warm_launcher.PRELOAD
 
 
 def test_other_thread_settings_or_cpus_get_a_server_of_their_own(warm):

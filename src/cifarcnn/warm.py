@@ -42,13 +42,16 @@ import time
 from pathlib import Path
 
 # What stages would import cold, and MLflow's sqlite store (sqlalchemy, alembic), which it imports
-# on first use: 4-5 s of CPU once here instead of in every stage. The server takes stages once
-# PRELOAD is imported; LATER (0.8-1.1 s: the figures' pyplot, the report's scipy.stats), which no
-# train stage needs, it imports while no stage is asking for it (between stages, beside a
-# running fork); a stage forked before then imports what it uses of it itself.
-PRELOAD = ("torch", "torchvision", "mlflow", "matplotlib", "mlflow.pyfunc",
+# on first use: 3-4 s of CPU once here instead of in every stage. The server takes stages once
+# PRELOAD (what the data stages and the train stages of the small CNNs use) is imported. LATER
+# (2.5-3 s), which those stages do not use, it imports while no stage is asking for it (between
+# stages, beside a running fork), in the order a `dvc repro` needs it: torchvision (1.5 s with the
+# torch._dynamo it imports: task4a's ResNet18, visualize), the figures' pyplot, the report's
+# scipy.stats, and tabulate (torch._dynamo's exit handler imports it in every process that has
+# torch._dynamo: 20 ms a stage). A stage forked before then imports what it uses of it itself.
+PRELOAD = ("torch", "mlflow", "matplotlib", "mlflow.pyfunc",
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils")
-LATER = ("matplotlib.pyplot", "scipy.stats")
+LATER = ("torchvision", "matplotlib.pyplot", "scipy.stats", "tabulate")
 # Environment read once at start-up, so a fork keeps the server's: Python's, libc's locale, and the
 # thread pools' of OpenMP, MKL and BLAS (torch.get_num_threads follows OMP_NUM_THREADS at import).
 STARTUP_ENV = ("PYTHON", "LC_", "LANG", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_")
