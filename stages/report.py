@@ -1,7 +1,8 @@
 """DVC stage `report`: reports/report.md, the report's tables rebuilt from the pipeline's metrics.
 
 Reads results/ (every seed's metrics, curves and figures; the split) and reports/task1.json,
-for the runs and seeds params.yaml names. Writes report.md (mean ± sd over seeds, verdicts, the
+for the runs configs/run-order.json names (params.yaml's, as the configure stage resolved them)
+and the seeds params.yaml names. Writes report.md (mean ± sd over seeds, verdicts, the
 report's paired claims tested), the DVC metrics reports/summary/<run>.json and reports/test_acc.json
 (each run's mean test accuracy, keyed by run), the run figures under reports/figures/runs/, each run's curves
 averaged over seeds under reports/curves/ (the top-level DVC plots), and the seeds' aggregates
@@ -11,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from cifarcnn import figures
-from cifarcnn.config import RunConfig, config_digest, load_params, resolve_seeds, run_names
+from cifarcnn.config import RunConfig, config_digest, configured_runs, load_params, resolve_seeds
 from cifarcnn.errors import UserError, cli, stage_args
 from cifarcnn.fsutil import csv_text, read_json, write_json, write_text
 from cifarcnn.report import aggregates, load_results, logged_run_id, mean_curves, results_markdown, summary
@@ -26,7 +27,7 @@ RUN_FIGURES, CURVES = REPORTS / "figures" / "runs", REPORTS / "curves"
 def main() -> None:
     params = load_params()
     seeds = resolve_seeds(params)
-    results = load_results(RESULTS, run_names(params), seeds)
+    results = load_results(RESULTS, configured_runs(), seeds)
     if not results:
         raise UserError(f"no results under {RESULTS}/<run>/seed<n>/ (train/train.json + eval/eval.json); run `dvc repro` first")
     for folder in (RUN_FIGURES, CURVES):

@@ -8,7 +8,7 @@ the same function (cifarcnn.batches.validation_indices).
 from pathlib import Path
 
 from cifarcnn.batches import split_record
-from cifarcnn.config import load_params, resolve_run, run_names
+from cifarcnn.config import load_params, resolve_split
 from cifarcnn.data import Dataset
 from cifarcnn.errors import cli, stage_args
 from cifarcnn.fsutil import write_json
@@ -18,9 +18,8 @@ OUT = Path("results/split.json")
 
 @cli
 def main() -> None:
-    params = load_params()
-    cfg = resolve_run(params, run_names(params)[0])  # train.val_fraction and train.split_seed, validated
-    record = split_record(Dataset.load("data/cifar10.npz"), cfg.val_fraction, cfg.split_seed)
+    split = resolve_split(load_params())  # train.val_fraction and train.split_seed, validated
+    record = split_record(Dataset.load("data/cifar10.npz"), split.val_fraction, split.split_seed)
     write_json(OUT, record)
     print(f"{OUT}: {record['val_images']} validation / {record['train_images']} training images; {record['method']}")
 

@@ -22,7 +22,7 @@ DATA = Path("data/cifar10.npz")
 def main(run_name: str, seed: str) -> None:
     config = Path("configs") / f"{run_name}.json"
     if not config.exists():
-        raise UserError(f"{config} does not exist; run `dvc repro configure@{run_name}` (or dvc repro) first")
+        raise UserError(f"{config} does not exist; run `dvc repro configure` (or dvc repro) first")
     cfg = RunConfig.from_dict(read_json(config), seed=int(seed))
     dirs = run_dirs(run_name, cfg.seed)
     metrics = train_and_track(cfg, Dataset.load(DATA), dirs.models, dirs.trained)

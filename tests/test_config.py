@@ -7,7 +7,7 @@ import re
 import pytest
 from helpers import ROOT, tiny_params
 
-from cifarcnn.config import load_params, resolve_all, resolve_data, resolve_run
+from cifarcnn.config import RUN_ORDER, configured_runs, load_params, resolve_all, resolve_data, resolve_run, resolve_split
 from cifarcnn.errors import UserError
 
 
@@ -62,6 +62,29 @@ def test_bad_run_params_name_the_key(change, message):
 def test_bad_data_params_name_the_key(change, message):
     with pytest.raises(UserError, match=message):
         resolve_data(mutate(change))
+
+
+def test_the_split_validates_its_two_keys_and_reads_no_other():
+    """The split stage declares train.val_fraction and train.split_seed alone (dvc.yaml), so it
+    checks those two with the key in the error, and a bad key it does not read (configure names
+    that one) does not stop it."""
+    split = resolve_split(mutate(lambda p: p["train"].update(seeds=[], device="tpu")))
+    assert (split.val_fraction, split.split_seed) == (0.1, 0)
+    for change, message in ((lambda p: p["train"].update(val_fraction=0.9), r"^train\.val_fraction: must be <= 0\.5, got 0\.9$"),
+                            (lambda p: p["train"].pop("split_seed"), r"^train\.split_seed: missing$"),
+                            (lambda p: p["train"].update(split_seed=-1), r"^train\.split_seed: must be >= 0, got -1$")):
+        with pytest.raises(UserError, match=message):
+            resolve_split(mutate(change))
+
+
+def test_the_report_takes_its_runs_in_order_from_the_configure_stage(tmp_path):
+    with pytest.raises(UserError, match=r"run-order\.json not found; run `dvc repro configure` \(or dvc repro\) first$"):
+        configured_runs(tmp_path)
+    (tmp_path / RUN_ORDER).write_text('["task3e", "task2"]')
+    assert configured_runs(tmp_path) == ["task3e", "task2"]  # params.yaml's order, not the folder's
+    (tmp_path / RUN_ORDER).write_text('{"task2": 1}')
+    with pytest.raises(UserError, match=r"expected a list of run names; run `dvc repro -f configure`"):
+        configured_runs(tmp_path)
 
 
 def test_top_level_lr_drives_task3e_only():

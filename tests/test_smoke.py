@@ -117,6 +117,30 @@ def test_second_repro_runs_nothing(project):
     assert up_to_date(status) and "always changed" in status, status
 
 
+def test_editing_a_run_changes_configure_and_not_the_split_or_the_report(project):
+    """Cache boundaries by params: the split declares train.val_fraction and train.split_seed
+    alone, and the report reads its runs from configs/ (what configure resolved), not from the
+    param `runs`. So after an edit to a run's setting `dvc status` names configure (whose output
+    then re-trains that run) and neither of them; an edit to train.split_seed names the split."""
+    repo, env, _ = project
+    params = repo / "params.yaml"
+    original = params.read_text()
+
+    def changed() -> set[str]:
+        status = sh(["dvc", "status"], repo, env)
+        return set(re.findall(r"^(\S+):$", status, flags=re.M)) - {"source"}  # source: always changed
+
+    try:
+        assert "\n    lr: 0.05  # per batch of 64\n" in original  # task2's
+        params.write_text(original.replace("\n    lr: 0.05  # per batch of 64\n", "\n    lr: 0.06  # per batch of 64\n", 1))
+        assert changed() == {"configure"}
+        params.write_text(re.sub(r"(?m)^  split_seed: 0\b", "  split_seed: 1", original, count=1))
+        assert changed() == {"split"}
+    finally:
+        params.write_text(original)
+    assert up_to_date(sh(["dvc", "status"], repo, env))
+
+
 def test_editing_the_statistics_reruns_the_report_and_trains_nothing(project):
     """A cache boundary through the real commands: after an edit to stats.py (the report's
     statistics), `dvc status` names the code, and `dvc repro` runs the `code` stage, then only the

@@ -22,6 +22,8 @@ from .errors import UserError
 from .models import get_model_fn, has_pretrained, model_params
 
 PARAMS_FILE = "params.yaml"
+CONFIGS = Path("configs")  # the configure stage's output: <run>.json per run, and RUN_ORDER
+RUN_ORDER = "run-order.json"  # the runs' names in params.yaml's order ('-' is in no run's name)
 
 # Strict scalars: YAML's `true` is no integer and `"0.1"` no number (an int is a fine float).
 PositiveInt = Annotated[int, Strict(), Field(ge=1)]
@@ -104,11 +106,15 @@ class RunSpec(Section):
         return name
 
 
-class TrainSection(Section):
-    seeds: Annotated[list[Seed], Field(min_length=1)]
-    max_epochs: PositiveInt | None
+class SplitSection(Section):
+    """The two keys of ``train`` that draw the validation split: all the split stage reads."""
     val_fraction: Annotated[float, Strict(), Field(gt=0, le=0.5)]
     split_seed: NonNegativeInt
+
+
+class TrainSection(SplitSection):
+    seeds: Annotated[list[Seed], Field(min_length=1)]
+    max_epochs: PositiveInt | None
     evals_per_epoch: PositiveInt
     device: Literal["auto", "cpu", "cuda"]
 
@@ -353,6 +359,27 @@ def config_digest(seedless: dict) -> str:
 def resolve_seeds(params: dict) -> list[int]:
     """``train.seeds``: every run is trained once per seed (a DVC stage each)."""
     return validate(TrainSection, _section(params, "train"), ("train",)).seeds
+
+
+def resolve_split(params: dict) -> SplitSection:
+    """``train.val_fraction`` and ``train.split_seed``, validated, and nothing else of params.yaml
+    (the split stage declares just these two, so no other edit re-runs it)."""
+    train = _section(params, "train")
+    return validate(SplitSection, {k: train[k] for k in SplitSection.model_fields if k in train}, ("train",))
+
+
+def configured_runs(folder: Path = CONFIGS) -> list[str]:
+    """The runs the configure stage resolved, in params.yaml's order: what the report covers, read
+    from the stage's output rather than from params.yaml's ``runs`` (which, as a DVC param, would
+    copy every run's settings into the report's entry in dvc.lock)."""
+    path = folder / RUN_ORDER
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; run `dvc repro configure` (or dvc repro) first") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) and RUN_NAME.fullmatch(n) for n in names):
+        raise UserError(f"{path}: expected a list of run names; run `dvc repro -f configure` to rewrite it")
+    return names
 
 
 def pretrained_choice(value: str | None) -> str | None:
