@@ -68,7 +68,7 @@ def warm(tmp_path_factory):
     first = run(work, env)
     assert first.returncode == 0 and first.stdout.startswith("cold|"), first  # no server yet: it runs cold...
     deadline = time.monotonic() + 300
-    while not list(folder.glob("*.sock")):  # ...and starts one
+    while not _servers(folder):  # ...and starts one
         assert time.monotonic() < deadline, _logs(folder)
         time.sleep(0.2)
     yield work, env, folder, src
@@ -78,6 +78,11 @@ def warm(tmp_path_factory):
 def run(work: Path, env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cifarcnn.warm", "s.py", *args], cwd=work, env=env,
                           capture_output=True, text=True, timeout=120, **kw)
+
+
+def _servers(folder: Path) -> set[Path]:
+    """The sockets of the servers in ``folder`` (not of their early servers)."""
+    return {p for p in folder.glob("*.sock") if not p.name.endswith(".early.sock")}
 
 
 def _logs(folder: Path) -> str:
@@ -126,19 +131,71 @@ def test_the_server_imports_what_no_train_stage_needs_between_stages(warm):
     assert not set(warm_launcher.LATER) & set(warm_launcher.PRELOAD)
 
 
-def test_the_stages_before_the_first_evaluate_import_nothing_the_server_imports_later():
-    """Why the server may take stages before LATER is imported: the scripts a `dvc repro` from
-    scratch runs before its first evaluate stage, imported as a stage imports them, import none of
-    it (building task4a's ResNet18 imports torchvision, when that stage runs)."""
-    scripts = [f"stages/{name}.py" for name in ("code", "source", "download", "configure", "split", "train")]
-    code = ("import runpy, sys\n"
+IMPORTED = ("import runpy, sys\n"
             "for script in sys.argv[2:]:\n"
             "    runpy.run_path(script, run_name='imported')  # its imports and definitions, not main\n"
             "print(*sorted(m for m in sys.argv[1].split(',') if m in sys.modules))\n")
-    proc = subprocess.run([sys.executable, "-c", code, ",".join(warm_launcher.LATER), *scripts], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.split() == [], proc
+
+
+@pytest.mark.parametrize("scripts, modules, why", [
+    (["code", "source", "download", "configure", "split", "train"], warm_launcher.LATER,
+     "the server takes stages before it has imported LATER"),
+    ([name.removesuffix(".py") for name in warm_launcher.EARLY], [m for m in warm_launcher.PRELOAD if m != "torch"],
+     "the early server has imported torch alone"),
+])
+def test_what_a_stage_imports_is_there_before_it_comes(scripts, modules, why):
+    """Why the server may take stages before LATER is imported, and its early server the EARLY
+    ones with torch alone: the scripts a `dvc repro` from scratch runs before its first evaluate
+    stage, imported as a stage imports them, import nothing of LATER (building task4a's ResNet18
+    imports torchvision, when that stage runs), and the EARLY ones nothing of PRELOAD but torch."""
+    proc = subprocess.run([sys.executable, "-c", IMPORTED, ",".join(modules), *(f"stages/{n}.py" for n in scripts)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == [], (why, proc)
     assert "torchvision" in warm_launcher.LATER and "mlflow" in warm_launcher.PRELOAD
+    assert set(warm_launcher.EARLY) <= {p.name for p in (ROOT / "stages").glob("*.py")}
+
+
+EARLY_SCRIPT = ("import os, sys\n"
+                "print(*(name in sys.modules for name in ('torch', 'mlflow')), os.getppid())\n")
+
+
+def test_the_early_server_takes_the_data_stages_while_the_server_imports_the_rest(tmp_path):
+    """A new server's first seconds: once torch is imported, its early server (a fork of it) runs
+    the EARLY stages (the data stages, which a `dvc repro` from scratch runs first), while any
+    other stage waits for the server itself, which then has MLflow too. Once the server is ready
+    the early server exits, and the server takes every stage."""
+    folder, work = tmp_path / "w", tmp_path / "work"
+    work.mkdir()
+    for name in ("download.py", "other.py"):
+        (work / name).write_text(EARLY_SCRIPT)
+    env = {**os.environ, "CIFARCNN_WARM_DIR": str(folder), "CIFARCNN_WARM_IDLE_S": "60"}
+    env.pop("CIFARCNN_WARM", None)
+
+    def launch(script: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", script], cwd=work, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(proc: subprocess.Popen) -> list[str]:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (out, err, _logs(folder))
+        return out.split()
+
+    try:
+        assert result(launch("download.py"))[:2] == ["False", "False"], _logs(folder)  # cold: it starts the server
+        other = launch("other.py")  # waits for the server
+        early = result(launch("download.py"))
+        assert early[:2] == ["True", "False"], _logs(folder)  # torch, not mlflow: a fork of the early server
+        assert result(other)[:2] == ["True", "True"], _logs(folder)  # a fork of the server
+        log = _logs(folder)
+        assert f"early server {early[2]} takes {', '.join(warm_launcher.EARLY)} in " in log, log
+        assert log.index("download.py (pid") < log.index(" ready in "), log  # it ran before the server was ready
+        deadline = time.monotonic() + 60
+        while list(folder.glob("*.early.sock")) or proc_state(int(early[2])) not in ("gone", "Z"):
+            assert time.monotonic() < deadline, (_logs(folder), proc_state(int(early[2])))
+            time.sleep(0.1)
+        assert result(launch("download.py"))[:2] == ["True", "True"]  # the server's own fork now
+    finally:
+        warm_launcher.stop(folder)
 
 
 def test_other_thread_settings_or_cpus_get_a_server_of_their_own(warm):
@@ -149,11 +206,11 @@ def test_other_thread_settings_or_cpus_get_a_server_of_their_own(warm):
     work, env, folder, _ = warm
     other = {**env, "OMP_NUM_THREADS": "2" if env.get("OMP_NUM_THREADS") == "1" else "1"}
     assert fresh_threads(other, None) == other["OMP_NUM_THREADS"]  # what a fresh interpreter has
-    servers = set(folder.glob("*.sock"))
+    servers = _servers(folder)
     first = run(work, other)
     assert fields(first)[0] == "cold", _logs(folder)  # not a fork of the fixture's server
     deadline = time.monotonic() + 300
-    while set(folder.glob("*.sock")) == servers:
+    while _servers(folder) == servers:
         assert time.monotonic() < deadline, _logs(folder)
         time.sleep(0.2)
     again = run(work, other)
@@ -279,7 +336,7 @@ def test_a_stage_that_comes_while_the_server_starts_waits_for_it(warm, tmp_path)
     env = {**env, "CIFARCNN_WARM_DIR": str(folder)}
     try:
         first = run(work, env)
-        assert fields(first)[0] == "cold" and not list(folder.glob("*.sock")), _logs(folder)  # still importing
+        assert fields(first)[0] == "cold" and not _servers(folder), _logs(folder)  # still importing
         second = run(work, env)
         assert fields(second)[0] == "warm", _logs(folder)
         assert _logs(folder).count(" ready in ") == 1, _logs(folder)  # one server, and the second stage its fork

@@ -6,8 +6,10 @@
 Importing torch, torchvision and mlflow costs a stage process 3-6 s of CPU on a 2-core machine
 (bench/results/tiny_cpu_*.json), more than a tiny stage's work. So the first stage that finds no
 server starts one in the background and runs cold itself; a stage that comes while that server
-is still importing waits for it (at most WAIT_S) rather than import everything a second time.
-The server imports those libraries once, and every later stage (same Python, same packages, CPUs
+is still importing waits for it (at most WAIT_S) rather than import everything a second time,
+except the EARLY ones (the data stages, which use torch alone): once torch is imported, a fork
+of the server (the early server) takes those while the server imports the rest, and stops when
+the server is ready. The server imports those libraries once, and every later stage (same Python, same packages, CPUs
 and start-up environment: _key) is a fork of it, like multiprocessing's forkserver or Android's
 zygote. The fork gets the stage's argv, working directory, environment, umask and
 stdin/stdout/stderr (the file descriptors themselves), imports the project's modules afresh from
@@ -54,6 +56,11 @@ PRELOAD = ("torch", "mlflow", "matplotlib", "mlflow.pyfunc",
 LATER = ("torchvision", "matplotlib.pyplot", "scipy.stats", "tabulate")
 # Environment read once at start-up, so a fork keeps the server's: Python's, libc's locale, and the
 # thread pools' of OpenMP, MKL and BLAS (torch.get_num_threads follows OMP_NUM_THREADS at import).
+# The stage scripts that use no more of PRELOAD than torch: the data stages, which a `dvc repro`
+# from scratch runs while the server is still importing. The early server (a fork of the server
+# made once torch is imported) takes them meanwhile; any other stage waits for the server.
+# tests/test_warm.py holds each of them to importing nothing else of PRELOAD.
+EARLY = ("code.py", "source.py", "download.py", "configure.py", "split.py")
 STARTUP_ENV = ("PYTHON", "LC_", "LANG", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_")
 IDLE_S = float(os.environ.get("CIFARCNN_WARM_IDLE_S", "60"))  # seconds with no stage before the server exits
 # Seconds a stage waits for a server that is still importing before it runs cold instead. A
@@ -61,6 +68,7 @@ IDLE_S = float(os.environ.get("CIFARCNN_WARM_IDLE_S", "60"))  # seconds with no 
 # (download, configure, split, the first train) each import torch cold for 2.5-4 s: waiting
 # costs them less than that, and CPU the server needs goes to neither.
 WAIT_S = 60.0
+POLL_S = 0.05  # seconds between a waiting stage's tries to connect
 STALE_S = 7 * 86400  # seconds: another key's files unused this long are removed when a server starts
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 LAUNCHER_ENV = "CIFARCNN_WARM_LAUNCHER"  # in a fork: the pid of the process DVC started for it (errors.py reads it)
@@ -79,7 +87,7 @@ def _folder() -> Path | None:
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         return None  # someone else could connect to (or replace) the socket: run cold
-    if len(os.fsencode(folder.resolve())) + len("/0123456789abcdef.sock") >= 108:
+    if len(os.fsencode(folder.resolve())) + len("/0123456789abcdef.early.sock") >= 108:
         return None  # longer than a Unix socket's path may be (sun_path)
     return folder
 
@@ -171,23 +179,26 @@ def _start_server(folder: Path, key: str, path: list[str]) -> bool:
     return True
 
 
-def _connect(folder: Path, key: str) -> socket.socket | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(folder / f"{key}.sock"))
-        return sock
-    except OSError:
-        sock.close()
-        return None
+def _connect(folder: Path, key: str, early: bool = False) -> socket.socket | None:
+    """A connection to the server, or with ``early`` to the early server when there is no server
+    yet; None when neither answers."""
+    for name in (f"{key}.sock", f"{key}.early.sock") if early else (f"{key}.sock",):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(folder / name))
+            return sock
+        except OSError:
+            sock.close()
+    return None
 
 
-def _wait_for_server(folder: Path, key: str) -> socket.socket | None:
-    """A connection to the server that holds <key>.lock once it is ready; None when it stops
-    holding the lock first (it failed, or it exited), when it said it takes no stage
-    (<key>.cold), or after WAIT_S."""
+def _wait_for_server(folder: Path, key: str, early: bool = False) -> socket.socket | None:
+    """A connection to the server that holds <key>.lock once it is ready (or to its early server,
+    with ``early``); None when it stops holding the lock first (it failed, or it exited), when it
+    said it takes no stage (<key>.cold), or after WAIT_S."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        sock = _connect(folder, key)
+        sock = _connect(folder, key, early)
         if sock is not None:
             return sock
         if (folder / f"{key}.cold").exists():
@@ -197,7 +208,7 @@ def _wait_for_server(folder: Path, key: str) -> socket.socket | None:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: no server holds it any more
             return None
         except OSError:
-            time.sleep(0.05)
+            time.sleep(POLL_S)
     return None
 
 
@@ -208,12 +219,13 @@ def launch(argv: list[str]) -> None:
     if folder is None:
         _cold(argv)
     key = _key(path)
-    sock = _connect(folder, key)
+    early = os.path.basename(argv[0]) in EARLY
+    sock = _connect(folder, key, early)
     if sock is None:
         if _start_server(folder, key, path):  # none was running: this stage runs cold while it starts
             _cold(argv)
         try:
-            sock = _wait_for_server(folder, key)  # one is starting: its fork beats importing everything again
+            sock = _wait_for_server(folder, key, early)  # one is starting: its fork beats importing everything again
         except KeyboardInterrupt:  # stopped while waiting, before anything ran: no traceback
             os._exit(128 + signal.SIGINT)
         if sock is None:
@@ -294,7 +306,8 @@ def _sweep(folder: Path, key: str) -> None:
         other = lock_path.stem
         if other == key:
             continue
-        files = [folder / f"{other}.log", folder / f"{other}.sock", folder / f"{other}.cold", lock_path]
+        files = [folder / f"{other}.log", folder / f"{other}.sock", folder / f"{other}.early.sock",
+                 folder / f"{other}.cold", lock_path]
         try:
             used = max(p.stat().st_mtime for p in files if p.exists())  # the log: a line per stage
             if now - used < STALE_S:
@@ -365,7 +378,11 @@ def _mlflow_package_map(folder: Path) -> None:
 
 def serve(folder: Path, key: str, lock_fd: int) -> None:
     """Serve stages of ``key`` until idle; ``lock_fd``: <key>.lock, locked by the stage that
-    started this server (held for this process's life: it is how stages know a server is here)."""
+    started this server (held for this process's life: it is how stages know a server is here).
+
+    Once torch is imported, a fork of this process (the early server) takes the EARLY stages on
+    <key>.early.sock while this one imports the rest of PRELOAD; then this one takes every stage on
+    <key>.sock, and the early server exits once the stages it took have ended."""
     lock = os.fdopen(lock_fd, "a")  # noqa: SIM115 - held open until this process ends
     started = time.monotonic()
     _sweep(folder, key)
@@ -375,6 +392,8 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
     import importlib
     import matplotlib
     matplotlib.use("Agg")  # what cifarcnn.figures sets: stages are headless
+    importlib.import_module("torch")
+    early = _serve_early(folder, key, lock, started)
     for name in PRELOAD:
         importlib.import_module(name)
     _mlflow_package_map(folder)
@@ -383,18 +402,60 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
         cold = folder / f"{key}.cold"  # so that no stage waits for this server
         cold.touch()
         try:
+            if early is not None:
+                os.close(early[1])
             time.sleep(IDLE_S)
         finally:
             cold.unlink(missing_ok=True)
         return
-    sock_path = folder / f"{key}.sock"
+    listener, sock_path = _listen(folder / f"{key}.sock")
+    _log(f"server {os.getpid()} ready in {time.monotonic() - started:.1f} s ({', '.join(PRELOAD)} imported)")
+    if early is not None:
+        os.close(early[1])  # the early server takes no more stages (it sees the pipe end)
+    _serve_loop(listener, sock_path, lock, later=list(LATER), stop_fd=None, early_pid=early and early[0])
+    _log(f"server {os.getpid()} exits: idle for {IDLE_S:.0f} s")
+
+
+def _listen(sock_path: Path) -> tuple[socket.socket, Path]:
     sock_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(sock_path))
     listener.listen(64)
-    inode = sock_path.stat().st_ino
-    _log(f"server {os.getpid()} ready in {time.monotonic() - started:.1f} s ({', '.join(PRELOAD)} imported)")
+    return listener, sock_path
 
+
+def _serve_early(folder: Path, key: str, lock, started: float) -> tuple[int, int] | None:
+    """Fork the early server, which takes EARLY stages while this process imports the rest; its
+    pid and the pipe end whose closing tells it to stop (this process ending closes it too). None
+    when torch initialised CUDA: a fork could not use it."""
+    if sys.modules["torch"].cuda.is_initialized():
+        return None
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(stop_r)
+        return pid, stop_w
+    code = 1
+    try:
+        os.close(stop_w)
+        listener, sock_path = _listen(folder / f"{key}.early.sock")
+        _log(f"early server {os.getpid()} takes {', '.join(EARLY)} in {time.monotonic() - started:.1f} s "
+             f"(torch imported) until server {os.getppid()} is ready")
+        _serve_loop(listener, sock_path, lock, later=[], stop_fd=stop_r, early_pid=None)
+        code = 0
+    except BaseException as err:  # noqa: BLE001 - logged; the server goes on without it
+        _log(f"early server {os.getpid()} failed: {type(err).__name__}: {err}")
+    finally:
+        os._exit(code)
+
+
+def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str], stop_fd: int | None,
+                early_pid: int | None) -> None:
+    """Take stages on ``listener`` (a fork each) until idle for IDLE_S with none running, or, with
+    ``stop_fd`` (the early server), until that pipe ends and the stages it took have ended;
+    ``later``: modules to import meanwhile; ``early_pid``: the early server (not a stage's fork)."""
+    import importlib
+    inode = sock_path.stat().st_ino
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
@@ -405,11 +466,16 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, "accept")
     sel.register(wake_r, selectors.EVENT_READ, "child")
+    if stop_fd is not None:
+        sel.register(stop_fd, selectors.EVENT_READ, "stop")
     running: dict[int, tuple[socket.socket, str, float]] = {}  # fork pid -> (its stage's socket, what, start)
-    later = list(LATER)
+    later = list(later)
+    taking = True  # the early server stops taking stages once told
     idle_since = time.monotonic()
-    while running or time.monotonic() - idle_since < IDLE_S:
-        events = sel.select(timeout=0 if later else 1.0)
+    while running or (taking and (stop_fd is not None or time.monotonic() - idle_since < IDLE_S)):
+        # A LATER module only after two of a waiting stage's tries to connect found nobody: an import
+        # (up to 1.5 s) keeps a stage that connects meanwhile waiting until it ends.
+        events = sel.select(timeout=2 * POLL_S if later else 1.0)
         if not events and later:  # nobody waiting: one more module, then look again
             name = later.pop(0)
             try:
@@ -419,8 +485,14 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
             if not later:  # names only what did import: a failure was logged above
                 _log(f"{', '.join(n for n in LATER if n in sys.modules)} imported")
             continue
-        for sk, _ in events:
-            if sk.data == "accept":
+        for sk, _ in sorted(events, key=lambda event: event[0].data == "stop"):  # a stage that came: first
+            if sk.data == "stop":  # the server is ready: take no more stages, end with those running
+                sel.unregister(stop_fd)
+                sel.unregister(listener)
+                listener.close()
+                _unlink_if(sock_path, inode)
+                taking = False
+            elif sk.data == "accept":
                 conn, _ = listener.accept()
                 uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
                 if uid != os.getuid():
@@ -436,8 +508,9 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
                 pid = os.fork()
                 if pid == 0:
                     sel.close()
-                    for fd in (listener.fileno(), wake_r, wake_w, conn.fileno(), lock.fileno()):
-                        os.close(fd)
+                    for fd in (listener.fileno(), wake_r, wake_w, conn.fileno(), lock.fileno(), stop_fd):
+                        if fd is not None:
+                            os.close(fd)
                     for other, _, _ in running.values():
                         if other is not None:
                             os.close(other.fileno())
@@ -461,6 +534,8 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
                         break
                     if pid == 0:
                         break
+                    if pid == early_pid:  # the early server, done with its stages
+                        continue
                     conn, what, began = running.pop(pid, (None, "?", time.monotonic()))
                     _log(f"{what} (pid {pid}): {_describe(status)} after {time.monotonic() - began:.1f} s")
                     if conn is not None:  # None: its stage process went first
@@ -486,17 +561,23 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
                     _log(f"pid {sk.data}: its stage process is gone; SIGKILL")
         if running:
             idle_since = time.monotonic()
-        try:
-            if sock_path.stat().st_ino != inode:
-                break  # another server took the socket over
-        except OSError:
-            break  # the socket was removed: stop taking stages
+        if taking:
+            try:
+                if sock_path.stat().st_ino != inode:
+                    break  # another server took the socket over
+            except OSError:
+                break  # the socket was removed: stop taking stages
+    if taking:
+        _unlink_if(sock_path, inode)
+
+
+def _unlink_if(sock_path: Path, inode: int) -> None:
+    """Remove the socket file if it is still this server's."""
     try:
         if sock_path.stat().st_ino == inode:
             sock_path.unlink()
     except OSError:
         pass
-    _log(f"server {os.getpid()} exits: idle for {IDLE_S:.0f} s")
 
 
 def _describe(status: int) -> str:
