@@ -9,9 +9,9 @@ server starts one in the background and runs cold itself; a stage that comes whi
 is still importing waits for it (at most WAIT_S) rather than import everything a second time,
 except the EARLY ones (the data stages, which use torch alone): once torch is imported, a fork
 of the server (the early server) takes those while the server imports the rest, and stops when
-the server is ready. The server imports those libraries once, and every later stage (same Python, same packages, CPUs
-and start-up environment: _key) is a fork of it, like multiprocessing's forkserver or Android's
-zygote. The fork gets the stage's argv, working directory, environment, umask and
+the server is ready. The server imports those libraries once, and every later stage (same
+Python, same packages, CPUs and start-up environment: _key) is a fork of it, like
+multiprocessing's forkserver or Android's zygote. The fork gets the stage's argv, working directory, environment, umask and
 stdin/stdout/stderr (the file descriptors themselves), imports the project's modules afresh from
 the stage's own sys.path (an edit is never served stale), and runs the script as ``__main__``.
 This process stays the stage for DVC: it forwards SIGINT/SIGTERM/SIGHUP to the fork and ends
@@ -54,19 +54,19 @@ from pathlib import Path
 PRELOAD = ("torch", "mlflow", "matplotlib", "mlflow.pyfunc",
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils")
 LATER = ("torchvision", "matplotlib.pyplot", "scipy.stats", "tabulate")
-# Environment read once at start-up, so a fork keeps the server's: Python's, libc's locale, and the
-# thread pools' of OpenMP, MKL and BLAS (torch.get_num_threads follows OMP_NUM_THREADS at import).
 # The stage scripts that use no more of PRELOAD than torch: the data stages, which a `dvc repro`
 # from scratch runs while the server is still importing. The early server (a fork of the server
 # made once torch is imported) takes them meanwhile; any other stage waits for the server.
 # tests/test_warm.py holds each of them to importing nothing else of PRELOAD.
 EARLY = ("code.py", "source.py", "download.py", "configure.py", "split.py")
+# Environment read once at start-up, so a fork keeps the server's: Python's, libc's locale, and the
+# thread pools' of OpenMP, MKL and BLAS (torch.get_num_threads follows OMP_NUM_THREADS at import).
 STARTUP_ENV = ("PYTHON", "LC_", "LANG", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_")
 IDLE_S = float(os.environ.get("CIFARCNN_WARM_IDLE_S", "60"))  # seconds with no stage before the server exits
 # Seconds a stage waits for a server that is still importing before it runs cold instead. A
-# server is ready 5-9 s after it starts on 2 quiet cores, and the stages that come meanwhile
-# (download, configure, split, the first train) each import torch cold for 2.5-4 s: waiting
-# costs them less than that, and CPU the server needs goes to neither.
+# server is ready 3-6 s after it starts on 2 quiet cores (its early server in 1.5-2 s), and a
+# stage that came meanwhile would import torch (and MLflow) cold for 1.5-4 s: waiting costs it
+# less than that, and CPU the server needs goes to neither.
 WAIT_S = 60.0
 POLL_S = 0.05  # seconds between a waiting stage's tries to connect
 STALE_S = 7 * 86400  # seconds: another key's files unused this long are removed when a server starts
