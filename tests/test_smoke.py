@@ -121,7 +121,8 @@ def test_editing_a_run_changes_configure_and_not_the_split_or_the_report(project
     """Cache boundaries by params: the split declares train.val_fraction and train.split_seed
     alone, and the report reads its runs from configs/ (what configure resolved), not from the
     param `runs`. So after an edit to a run's setting `dvc status` names configure (whose output
-    then re-trains that run) and neither of them; an edit to train.split_seed names the split."""
+    then re-trains that run) and neither of them; an edit to train.split_seed names the split, and
+    configure (every run's config carries the split it trains on)."""
     repo, env, _ = project
     params = repo / "params.yaml"
     original = params.read_text()
@@ -135,7 +136,7 @@ def test_editing_a_run_changes_configure_and_not_the_split_or_the_report(project
         params.write_text(original.replace("\n    lr: 0.05  # per batch of 64\n", "\n    lr: 0.06  # per batch of 64\n", 1))
         assert changed() == {"configure"}
         params.write_text(re.sub(r"(?m)^  split_seed: 0\b", "  split_seed: 1", original, count=1))
-        assert changed() == {"split"}
+        assert changed() == {"configure", "split"}
     finally:
         params.write_text(original)
     assert up_to_date(sh(["dvc", "status"], repo, env))
@@ -296,6 +297,7 @@ def test_report_stage_fed_the_h200_seeds(project, tmp_path):
     h200 = json.loads((Path(__file__).resolve().parents[1] / "bench/results/gpu_seeds_h200.json").read_text())["runs"]
     work = tmp_path / "h200"
     shutil.copytree(repo / "stages", work / "stages")
+    shutil.copytree(repo / "configs", work / "configs")  # the runs the report covers (run-order.json)
     (work / "reports").mkdir(parents=True)
     shutil.copy(repo / "reports" / "task1.json", work / "reports")
     shutil.copytree(repo / "reports" / "figures", work / "reports" / "figures",
