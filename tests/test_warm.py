@@ -280,6 +280,34 @@ def test_signals_reach_the_fork_and_its_end_is_the_stages(warm, how):
         assert proc.stderr.read().rstrip().endswith("KeyboardInterrupt")
 
 
+def test_a_fork_dies_with_its_stage_process_while_the_server_is_busy(warm):
+    """SIGKILL of the process DVC started kills its fork at once even while the server takes no
+    event (here stopped, as it is while it imports a LATER module): the fork watches that process
+    itself. Otherwise errors.watch_parent, a second later, would stop the stage gently, and a
+    whole process tree SIGKILLed (a lost Ray node) would leave a run marked KILLED by the stage."""
+    work, env, folder, _ = warm
+    (work / "pid").unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", "s.py", "sleep"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (work / "pid").exists() or not (work / "pid").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, _logs(folder)
+        time.sleep(0.05)
+    fork = int((work / "pid").read_text())
+    server = int(Path(f"/proc/{fork}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the fork's parent
+    os.kill(server, signal.SIGSTOP)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 2  # the watch_parent poll is 1 s: well before it
+        while proc_state(fork) not in ("gone", "Z"):
+            assert time.monotonic() < deadline, f"the fork {fork} outlived its stage process ({proc_state(fork)})"
+            time.sleep(0.02)
+    finally:
+        os.kill(server, signal.SIGCONT)
+    assert "stopping" not in proc.stderr.read()  # not watch_parent's gentle stop
+
+
 def test_a_forked_stage_stops_when_whoever_started_it_is_gone(warm, tmp_path):
     """errors.watch_parent in a fork watches the parent of the process DVC started (here a shell),
     not the server: kill -9 the shell and the stage stops on its own, saying why."""

@@ -5,18 +5,18 @@
 
 Importing torch, torchvision and mlflow costs a stage process 3-6 s of CPU on a 2-core machine
 (bench/results/tiny_cpu_*.json), more than a tiny stage's work. So the first stage that finds no
-server starts one in the background and runs cold itself; a stage that comes while that server
-is still importing waits for it (at most WAIT_S) rather than import everything a second time,
-except the EARLY ones (the data stages, which use torch alone): once torch is imported, a fork
-of the server (the early server) takes those while the server imports the rest, and stops when
-the server is ready. The server imports those libraries once, and every later stage (same
-Python, same packages, CPUs and start-up environment: _key) is a fork of it, like
-multiprocessing's forkserver or Android's zygote. The fork gets the stage's argv, working directory, environment, umask and
+server starts one in the background and runs cold itself; a stage that comes while that server is
+still importing waits for it (at most WAIT_S) rather than import everything a second time, except
+the EARLY ones (the data stages, which use torch alone): once torch is imported, a fork of the
+server (the early server) takes those while the server imports the rest, and stops when the server
+is ready. The server imports those libraries once, and every later stage (same Python, same
+packages, CPUs and start-up environment: _key) is a fork of it, like multiprocessing's forkserver
+or Android's zygote. The fork gets the stage's argv, working directory, environment, umask and
 stdin/stdout/stderr (the file descriptors themselves), imports the project's modules afresh from
-the stage's own sys.path (an edit is never served stale), and runs the script as ``__main__``.
-This process stays the stage for DVC: it forwards SIGINT/SIGTERM/SIGHUP to the fork and ends
-with the fork's status (a fork killed by a signal kills this process with the same signal). If
-this process dies (SIGKILL included), the server SIGKILLs the fork at once.
+the stage's own sys.path (an edit is never served stale), and runs the script as ``__main__``. This
+process stays the stage for DVC: it forwards SIGINT/SIGTERM/SIGHUP to the fork and ends with the
+fork's status (a fork killed by a signal kills this process with the same signal). If this process
+dies (SIGKILL included), the fork is SIGKILLed at once (it watches this process; the server, too).
 
 The server listens on a Unix socket in a folder only this user can open (checked), answers
 only this user's processes (SO_PEERCRED), and exits after CIFARCNN_WARM_IDLE_S (default 60)
@@ -33,6 +33,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -40,6 +41,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -616,6 +618,7 @@ def _run(request: dict, fds: list[int]) -> None:
             sys.modules["numpy"].random.seed()  # a fresh process draws a fresh global state too
         sys.audit("cifarcnn.stage", "forked", request["pid"])  # bench/stageclock: the stage began in that pid
         os.environ[LAUNCHER_ENV] = str(request["pid"])  # errors.watch_parent watches that process's parent
+        _die_with(request["pid"])
         try:
             _run_main(os.path.abspath(script))
             code = 0
@@ -640,6 +643,25 @@ def _run(request: dict, fds: list[int]) -> None:
             pass
     finally:
         os._exit(code)
+
+
+def _die_with(pid: int) -> None:
+    """SIGKILL this fork the moment process ``pid`` (its stage process) ends, as a stage run cold
+    dies with its process. The server does so too, but not while it imports a LATER module (up to
+    1.5 s), time enough for errors.watch_parent to stop the stage gently and mark its MLflow run
+    KILLED itself, when the whole process tree was SIGKILLed. A pidfd, watched by a thread."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone already
+        os.kill(os.getpid(), signal.SIGKILL)
+    except (OSError, AttributeError):  # no pidfd here (Linux < 5.3): the server's SIGKILL alone
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait, name="die-with-stage", daemon=True).start()
 
 
 def _name_process(name: str) -> None:
