@@ -70,10 +70,17 @@ def team(tmp_path_factory):
                 os.environ[key] = value
         pids = list(stack.state()["pids"].values()) if stack.state_file.exists() else []
         stack.stop()
-        leftover = [pid for pid in pids if _alive(pid)]
+        leftover = [pid for pid in pids if _running(pid)]
         shutil.rmtree(base, ignore_errors=True)
         print(f"\nteam stack measurements: {json.dumps(MEASURED)}")
         assert not leftover, f"still running after stop: {leftover}"
+
+
+def _running(pid: int) -> bool:
+    """The process has not ended: reaped if it is this process's child, and not a zombie of
+    another's (a service's daemonised process, reparented to PID 1, stays one until PID 1 reaps it:
+    it holds no file or port any more)."""
+    return _alive(pid) and proc_state(pid) not in ("Z", "gone")
 
 
 def client():
@@ -720,7 +727,8 @@ def test_start_after_a_crash_cleans_up_and_starts(team):
                           capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
     assert "team stack: stopping pid" in stop.stderr and "which still held a file under" in stop.stderr, stop.stderr
-    assert not _holders(stack.dir) and not [pid for pid in before["pids"].values() if _alive(pid)]
+    running = {pid: proc_state(pid) for pid in before["pids"].values() if _running(pid)}
+    assert not _holders(stack.dir) and not running, running
     assert all(_port_free(stack.host, port) for port in before["ports"].values())
     after = stack.start()
     assert stack.running() and after["ports"] == before["ports"]
