@@ -23,6 +23,7 @@ import pytest
 from fixtures import tiny_project
 from helpers import eval_dir, merged, proc_state, ran_stages, sh, start_queue, train_dir, wait_for_queue
 
+from cifarcnn import warm as warm_launcher
 from cifarcnn.teamstack import Stack, _alive, _group_alive, _holders, _port_free, _terminate, _write_internal_certs, free_port
 
 pytestmark = pytest.mark.smoke
@@ -605,12 +606,17 @@ def test_ray_cluster_sweep_survives_a_lost_node(team, tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"
     scratch = {node: tmp_path / f"node-{node}" for node in ("head", "worker")}
-    nodes = {}
+    nodes, warm = {}, {}
     try:
         for node, folder in scratch.items():
             folder.mkdir()
             args = ["--head", f"--port={port}", "--include-dashboard=false"] if node == "head" else [f"--address={address}"]
-            nodes[node] = _start_ray_node(args, {**node_env, "CIFARCNN_TRIAL_DIR": str(folder)}, node,
+            # Its own warm-stage server, as on a machine of its own: killing this node must not kill a
+            # server the other node's stages are forks of (mkdtemp: 0700, and a path short enough
+            # for a socket's name).
+            warm[node] = Path(tempfile.mkdtemp(prefix="warm-"))
+            nodes[node] = _start_ray_node(args, {**node_env, "CIFARCNN_TRIAL_DIR": str(folder),
+                                                 "CIFARCNN_WARM_DIR": str(warm[node])}, node,
                                           tmp_path / f"ray-{node}.log")
             if node == "head":
                 time.sleep(3)
@@ -694,6 +700,9 @@ def test_ray_cluster_sweep_survives_a_lost_node(team, tmp_path):
             _kill_node(node, signal.SIGKILL)
         for proc in nodes.values():
             proc.wait(timeout=30)
+        for folder in warm.values():
+            warm_launcher.stop(folder)  # the head's server (the worker's died with its node)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_start_after_a_crash_cleans_up_and_starts(team):
