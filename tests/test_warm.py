@@ -256,19 +256,25 @@ def test_exit_status_and_traceback_are_the_scripts(warm):
     assert run(work, env, "exit3").returncode == 3
 
 
+def _sleeping_stage(work: Path, env: dict, folder: Path, deadline: float) -> tuple[subprocess.Popen, int]:
+    """A stage (s.py sleep) launched through the server: the process DVC would have started, and
+    its fork's pid once the fork runs the script (before ``deadline``, time.monotonic())."""
+    (work / "pid").unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", "s.py", "sleep"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (work / "pid").exists() or not (work / "pid").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, _logs(folder)
+        time.sleep(0.05)
+    return proc, int((work / "pid").read_text())
+
+
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGKILL", "fork SIGTERM", "fork SIGKILL"])
 def test_signals_reach_the_fork_and_its_end_is_the_stages(warm, how):
     """Ctrl-C and kill on the process DVC started reach the fork; a fork killed by a signal ends
     that process with the same signal; and if that process is SIGKILLed, so is the fork."""
     work, env, folder, _ = warm
-    (work / "pid").unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", "s.py", "sleep"], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not (work / "pid").exists() or not (work / "pid").read_text():
-        assert time.monotonic() < deadline and proc.poll() is None, _logs(folder)
-        time.sleep(0.05)
-    fork = int((work / "pid").read_text())
+    proc, fork = _sleeping_stage(work, env, folder, deadline)
     assert fork != proc.pid and Path(f"/proc/{fork}/comm").read_text() == "s.py\n"  # its name in top
     signum = getattr(signal, how.split()[-1])
     os.kill(fork if how.startswith("fork") else proc.pid, signum)
@@ -286,14 +292,7 @@ def test_a_fork_dies_with_its_stage_process_while_the_server_is_busy(warm):
     itself. Otherwise errors.watch_parent, a second later, would stop the stage gently, and a
     whole process tree SIGKILLed (a lost Ray node) would leave a run marked KILLED by the stage."""
     work, env, folder, _ = warm
-    (work / "pid").unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "cifarcnn.warm", "s.py", "sleep"], cwd=work, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (work / "pid").exists() or not (work / "pid").read_text():
-        assert time.monotonic() < deadline and proc.poll() is None, _logs(folder)
-        time.sleep(0.05)
-    fork = int((work / "pid").read_text())
+    proc, fork = _sleeping_stage(work, env, folder, time.monotonic() + 60)
     server = int(Path(f"/proc/{fork}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the fork's parent
     os.kill(server, signal.SIGSTOP)
     try:
