@@ -8,7 +8,7 @@ evaluate stage draws them). A killed run resumes from models/<run>/seed<seed>/re
 """
 from pathlib import Path
 
-from cifarcnn.config import RunConfig
+from cifarcnn.config import CONFIGS, RunConfig
 from cifarcnn.data import Dataset
 from cifarcnn.errors import UserError, cli, stage_args
 from cifarcnn.fsutil import read_json
@@ -20,7 +20,7 @@ DATA = Path("data/cifar10.npz")
 
 @cli
 def main(run_name: str, seed: str) -> None:
-    config = Path("configs") / f"{run_name}.json"
+    config = CONFIGS / f"{run_name}.json"
     if not config.exists():
         raise UserError(f"{config} does not exist; run `dvc repro configure` (or dvc repro) first")
     cfg = RunConfig.from_dict(read_json(config), seed=int(seed))
