@@ -82,6 +82,9 @@ def test_the_report_takes_its_runs_in_order_from_the_configure_stage(tmp_path):
         configured_runs(tmp_path)
     (tmp_path / RUN_ORDER).write_text('["task3e", "task2"]')
     assert configured_runs(tmp_path) == ["task3e", "task2"]  # params.yaml's order, not the folder's
+    (tmp_path / RUN_ORDER).write_text('["task2", "tas')  # cut short
+    with pytest.raises(UserError, match=r"run-order\.json is not valid JSON .*; it is damaged"):
+        configured_runs(tmp_path)
     (tmp_path / RUN_ORDER).write_text('{"task2": 1}')
     with pytest.raises(UserError, match=r"expected a list of run names; run `dvc repro -f configure`"):
         configured_runs(tmp_path)

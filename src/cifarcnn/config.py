@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from pydantic_core import PydanticCustomError
 
 from .errors import UserError
+from .fsutil import read_json
 from .models import get_model_fn, has_pretrained, model_params
 
 PARAMS_FILE = "params.yaml"
@@ -373,10 +374,9 @@ def configured_runs(folder: Path = CONFIGS) -> list[str]:
     from the stage's output rather than from params.yaml's ``runs`` (which, as a DVC param, would
     copy every run's settings into the report's entry in dvc.lock)."""
     path = folder / RUN_ORDER
-    try:
-        names = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} not found; run `dvc repro configure` (or dvc repro) first") from None
+    if not path.exists():
+        raise UserError(f"{path} not found; run `dvc repro configure` (or dvc repro) first")
+    names = read_json(path)  # a damaged file: one line naming it
     if not isinstance(names, list) or not all(isinstance(n, str) and RUN_NAME.fullmatch(n) for n in names):
         raise UserError(f"{path}: expected a list of run names; run `dvc repro -f configure` to rewrite it")
     return names
