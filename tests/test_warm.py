@@ -350,6 +350,26 @@ def test_cold_when_switched_off_or_the_folder_is_not_private(warm, tmp_path):
     assert not list(shared.iterdir()), "no server is started where others could connect to it"
 
 
+def test_a_relative_folder_deeper_than_a_socket_address_still_runs_warm(warm, tmp_path):
+    """A CIFARCNN_WARM_DIR relative to the stage's folder, whose sockets' paths are longer than a
+    Unix socket's address (108 bytes): the server (which runs from "/") listens in that folder, and
+    the next stage runs as its fork."""
+    work, env, _, _ = warm
+    relative = Path("d" * 60, "e" * 60)
+    folder = work / relative
+    env = {**env, "CIFARCNN_WARM_DIR": str(relative)}
+    try:
+        assert fields(run(work, env))[0] == "cold"
+        deadline = time.monotonic() + 300
+        while not _servers(folder):
+            assert time.monotonic() < deadline, _logs(folder)
+            time.sleep(0.2)
+        assert min(len(str(p)) for p in _servers(folder)) > warm_launcher.SUN_PATH
+        assert fields(run(work, env))[0] == "warm", _logs(folder)
+    finally:
+        warm_launcher.stop(folder)
+
+
 def test_a_stage_that_comes_while_the_server_starts_waits_for_it(warm, tmp_path):
     """The first stage of a run starts a server and runs cold; the next one, while that server is
     still importing torch and mlflow, waits for it and runs as its fork, instead of importing them

@@ -80,8 +80,9 @@ _LEN = struct.Struct("!I")
 # --- where the server lives ------------------------------------------------------------------
 
 def _folder() -> Path | None:
-    """The socket folder, made 0700 and checked to be this user's alone; None when it is not."""
-    folder = Path(os.environ.get("CIFARCNN_WARM_DIR") or f"/tmp/cifarcnn-warm-{os.getuid()}")
+    """The socket folder, made 0700 and checked to be this user's alone; None when it is not.
+    Absolute: the server runs from "/"."""
+    folder = Path(os.environ.get("CIFARCNN_WARM_DIR") or f"/tmp/cifarcnn-warm-{os.getuid()}").absolute()
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = folder.lstat()
@@ -89,9 +90,23 @@ def _folder() -> Path | None:
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         return None  # someone else could connect to (or replace) the socket: run cold
-    if len(os.fsencode(folder.resolve())) + len("/0123456789abcdef.early.sock") >= 108:
-        return None  # longer than a Unix socket's path may be (sun_path)
     return folder
+
+
+SUN_PATH = 108  # bytes: the longest address a Unix socket takes (struct sockaddr_un), NUL included
+
+
+def _address(path: Path, call) -> None:
+    """``call`` (sock.bind or sock.connect) with ``path``; a path too long for an address (a deep
+    CIFARCNN_WARM_DIR) is reached through an open descriptor of its folder, /proc/self/fd/<fd>/<name>."""
+    if len(os.fsencode(path)) < SUN_PATH:
+        call(str(path))
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        call(f"/proc/self/fd/{fd}/{path.name}")
+    finally:
+        os.close(fd)
 
 
 def _key(path: list[str]) -> str:
@@ -187,7 +202,7 @@ def _connect(folder: Path, key: str, early: bool = False) -> socket.socket | Non
     for name in (f"{key}.sock", f"{key}.early.sock") if early else (f"{key}.sock",):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(str(folder / name))
+            _address(folder / name, sock.connect)
             return sock
         except OSError:
             sock.close()
@@ -421,7 +436,7 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
 def _listen(sock_path: Path) -> tuple[socket.socket, Path]:
     sock_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(sock_path))
+    _address(sock_path, listener.bind)
     listener.listen(64)
     return listener, sock_path
 
