@@ -28,11 +28,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 WARM_DIR = Path(tempfile.mkdtemp(prefix="cifarcnn-tests-warm-"))
 os.environ.setdefault("CIFARCNN_WARM_DIR", str(WARM_DIR))
 os.environ.setdefault("CIFARCNN_WARM_IDLE_S", "1800")
+# The empty-store template (cifarcnn.tracking.cache_dir) in this run's own folder, not the user's
+# ~/.cache/cifarcnn: made once by the run's first new store, so every run starts from the same state.
+CACHE_DIR = Path(tempfile.mkdtemp(prefix="cifarcnn-tests-cache-"))
+os.environ.setdefault("CIFARCNN_CACHE_DIR", str(CACHE_DIR))
 
 
 def pytest_sessionfinish(session):
     warm_launcher.stop(WARM_DIR)
     shutil.rmtree(WARM_DIR, ignore_errors=True)
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 # The two end-to-end files take most of the suite's time (minutes each; the rest, seconds per file).
 # `pytest -n 2 --dist loadfile` (pyproject.toml) hands each worker a file at a time in collection

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 from helpers import eval_dir, merged, tiny_dataset, tiny_run
+import mlflow
 from mlflow.tracking import MlflowClient
 
 from cifarcnn import tracking
@@ -234,6 +236,56 @@ def test_temp_experiment_workspace_logs_into_the_real_repo(monkeypatch, tmp_path
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"))
     assert tracking.repo_root() == tmp_path
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_a_new_store_is_a_copy_of_an_empty_one_with_mlflows_own_schema(tmp_path, monkeypatch):
+    """A missing local store starts as a copy of an empty store that MLflow's migrations made once
+    (per MLflow version, in the cache folder), instead of running them (about a second) for every
+    store: the same tables, indexes and schema version as a store MLflow makes itself, and MLflow's
+    Default experiment beside this project's, each with this store's artifact location. Where no
+    template can be made (the cache folder is a file), MLflow makes the store as before."""
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+
+    def schema(db: Path) -> tuple:
+        """Tables, columns, constraints, indexes and the schema version; the clauses of a CREATE
+        sorted (MLflow's own migrations write a table's CHECKs in a different order from run to run)."""
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return (sorted((kind, name, table, sorted(sql.replace(", \n", "\n").splitlines()) if sql else None)
+                           for kind, name, table, sql in conn.execute("select type, name, tbl_name, sql from sqlite_master")),
+                    conn.execute("select version_num from alembic_version").fetchall())
+
+    def connect(root: Path):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # which mlflow.set_tracking_uri sets
+        monkeypatch.setenv("DVC_ROOT", str(root))
+        return tracking.connect("exp")
+
+    monkeypatch.setenv(tracking.CACHE_ENV, str(tmp_path / "cache"))
+    own = tmp_path / "own" / "mlflow.db"
+    own.parent.mkdir()
+    MlflowClient(f"sqlite:///{own}").search_experiments()  # MLflow's own new store
+    roots = {name: tmp_path / name for name in ("first", "second", "no-cache")}
+    for root in roots.values():
+        root.mkdir()
+    connect(roots["first"])  # makes the template
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"mlflow-{mlflow.__version__}-empty-store.db"]
+
+    with monkeypatch.context() as m:
+        m.setattr(db_utils, "_initialize_tables", lambda engine: pytest.fail("the migrations ran again"))
+        client, _ = connect(roots["second"])
+    assert schema(roots["second"] / "mlflow.db") == schema(own)
+    assert sorted(os.listdir(roots["second"])) == ["mlflow.db"]  # no copy left behind
+    experiments = {e.name: e for e in client.search_experiments()}
+    assert sorted(experiments) == ["Default", "exp"]
+    assert experiments["exp"].artifact_location == (roots["second"] / "mlartifacts").as_uri()
+    assert experiments["Default"].artifact_location == MlflowClient(f"sqlite:///{own}").get_experiment("0").artifact_location
+
+    (tmp_path / "cache-file").write_text("")
+    monkeypatch.setenv(tracking.CACHE_ENV, str(tmp_path / "cache-file"))
+    client, _ = connect(roots["no-cache"])
+    assert schema(roots["no-cache"] / "mlflow.db") == schema(own)
+    assert sorted(e.name for e in client.search_experiments()) == ["Default", "exp"]
 
 
 def test_unreachable_server_fails_fast_with_one_line(monkeypatch):

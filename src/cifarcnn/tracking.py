@@ -8,8 +8,10 @@ repository's store, not into the copy that is deleted afterwards.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -83,6 +85,7 @@ def connect(experiment: str) -> tuple[MlflowClient, str]:
         return _CONNECTED[uri, experiment]
     if local is not None and not local.exists():
         _refuse_a_lost_store(local)
+        _new_local_store(local)
     deadline = time.monotonic() + CONNECT_WAIT_S
     while True:
         try:
@@ -125,6 +128,53 @@ def _refuse_a_lost_store(db: Path) -> None:
             f"{db} is missing, but {len(named)} results name MLflow runs in it (e.g. {named[0].relative_to(db.parent)}); "
             f"put it back from a backup, or set {NEW_STORE_ENV}=1 to start a new store (those runs will not be "
             f"in it; `dvc repro --force` logs them again)")
+
+
+CACHE_ENV = "CIFARCNN_CACHE_DIR"  # where the empty-store template is kept; default ~/.cache/cifarcnn
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarcnn")
+
+
+def _new_local_store(db: Path) -> None:
+    """Start a missing local store as a copy of an empty one that has MLflow's tables: MLflow would
+    run its 60-odd schema migrations on every new store (about a second of a `dvc repro`'s first
+    train stage). The template is made once per MLflow version, by those same migrations, in
+    cache_dir(). Anything that fails here leaves the store missing, and MLflow makes it itself."""
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.new")
+    try:
+        shutil.copyfile(_store_template(), tmp)
+        os.link(tmp, db)  # never over a store that another stage has just started
+    except Exception:  # noqa: BLE001 - a shortcut only (FileExistsError: another stage made it first)
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _store_template() -> Path:
+    """An empty sqlite store with MLflow's tables at the schema this MLflow expects, and no
+    experiment (MLflow adds its Default experiment, with the store's own artifact root, on opening it)."""
+    import sqlalchemy  # MLflow's; what a store on a tracking server does not need
+    from mlflow.store.db import utils as db_utils
+
+    template = cache_dir() / f"mlflow-{mlflow.__version__}-empty-store.db"
+    if template.exists():
+        return template
+    template.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=template.parent, prefix=".empty-store-", suffix=".db")
+    os.close(fd)
+    try:
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+        try:
+            db_utils._initialize_tables(engine)  # what SqlAlchemyStore runs on an empty database
+            db_utils._verify_schema(engine)
+        finally:
+            engine.dispose()
+        os.replace(tmp, template)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return template
 
 
 def _experiment_id(client: MlflowClient, experiment: str, uri: str, local: Path | None = None) -> str:
