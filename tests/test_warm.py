@@ -131,6 +131,21 @@ def test_the_server_imports_what_no_train_stage_needs_between_stages(warm):
     assert not set(warm_launcher.LATER) & set(warm_launcher.PRELOAD)
 
 
+def test_nothing_the_server_imports_starts_a_python_thread():
+    """What the server imports, imported as it does, leaves the main thread alone: a fork has only
+    the thread that called fork(), so a lock (a logging handler's, a queue's) that another thread
+    held at that moment would stay locked in every stage. (The native threads of torch's and
+    jemalloc's pools are theirs to handle, with pthread_atfork.)"""
+    code = ("import importlib, threading, matplotlib\n"
+            "matplotlib.use('Agg')\n"
+            "from cifarcnn import warm\n"
+            "for name in ('torch', *warm.PRELOAD, *warm.LATER):\n"
+            "    importlib.import_module(name)\n"
+            "print(*(t.name for t in threading.enumerate()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["MainThread"], proc
+
+
 IMPORTED = ("import runpy, sys\n"
             "for script in sys.argv[2:]:\n"
             "    runpy.run_path(script, run_name='imported')  # its imports and definitions, not main\n"

@@ -53,9 +53,18 @@ from pathlib import Path
 # torch._dynamo it imports: task4a's ResNet18, visualize), the figures' pyplot, the report's
 # scipy.stats, and tabulate (torch._dynamo's exit handler imports it in every process that has
 # torch._dynamo: 20 ms a stage). A stage forked before then imports what it uses of it itself.
+# Each list ends with what MLflow imports on first use inside a stage rather than at import (30 ms
+# in a train stage: the store's sqlite dialect and schema check, system metrics, tracing; 90 ms in
+# an evaluate stage: GitPython for the run's commit, the model's serving-input check, PNG writing).
+# None of them starts a Python thread (tests/test_warm.py): a fork gets only the thread that forked.
 PRELOAD = ("torch", "mlflow", "matplotlib", "mlflow.pyfunc",
-           "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils")
-LATER = ("torchvision", "matplotlib.pyplot", "scipy.stats", "tabulate")
+           "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils",
+           "sqlalchemy.dialects.sqlite", "alembic.command", "mlflow.store.tracking.sqlalchemy_workspace_store",
+           "mlflow.system_metrics.system_metrics_monitor", "mlflow.tracing.processor.otel",
+           "mlflow.tracing.export.utils", "torch.utils.serialization")
+LATER = ("torchvision", "matplotlib.pyplot", "scipy.stats", "tabulate",
+         "git", "mlflow.pyfunc.scoring_server", "mlflow.models.display_utils", "matplotlib.backends.backend_agg",
+         "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.JpegImagePlugin", "PIL.PpmImagePlugin", "pyarrow.pandas_compat")
 # The stage scripts that use no more of PRELOAD than torch: the data stages, which a `dvc repro`
 # from scratch runs while the server is still importing. The early server (a fork of the server
 # made once torch is imported) takes them meanwhile; any other stage waits for the server.
