@@ -118,32 +118,21 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_s
 def test_the_server_imports_what_no_train_stage_needs_between_stages(warm):
     """The server takes stages once torch and MLflow are imported; torchvision, pyplot,
     scipy.stats and tabulate (2.5-3 s) it imports after that, while no stage is asking, so a fork
-    taken after that has them."""
+    taken after that has them. Nothing it imports starts a Python thread: a fork has only the
+    thread that called fork(), so a lock (a logging handler's, a queue's) another thread held at
+    that moment would stay locked in every stage. (The native threads of torch's and jemalloc's
+    pools are theirs to handle, with pthread_atfork.)"""
     work, env, folder, _ = warm
     deadline = time.monotonic() + 300
     while f"{', '.join(warm_launcher.LATER)} imported" not in _logs(folder):
         assert time.monotonic() < deadline, _logs(folder)
         time.sleep(0.2)
+    assert f"{', '.join(warm_launcher.LATER)} imported; Python threads: 1\n" in _logs(folder), _logs(folder)
     (work / "later.py").write_text("import sys\nprint(*(name in sys.modules for name in sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-m", "cifarcnn.warm", "later.py", "torch", *warm_launcher.LATER], cwd=work,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.split() == ["True"] * (1 + len(warm_launcher.LATER)), (proc, _logs(folder))
     assert not set(warm_launcher.LATER) & set(warm_launcher.PRELOAD)
-
-
-def test_nothing_the_server_imports_starts_a_python_thread():
-    """What the server imports, imported as it does, leaves the main thread alone: a fork has only
-    the thread that called fork(), so a lock (a logging handler's, a queue's) that another thread
-    held at that moment would stay locked in every stage. (The native threads of torch's and
-    jemalloc's pools are theirs to handle, with pthread_atfork.)"""
-    code = ("import importlib, threading, matplotlib\n"
-            "matplotlib.use('Agg')\n"
-            "from cifarcnn import warm\n"
-            "for name in ('torch', *warm.PRELOAD, *warm.LATER):\n"
-            "    importlib.import_module(name)\n"
-            "print(*(t.name for t in threading.enumerate()))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.split() == ["MainThread"], proc
 
 
 IMPORTED = ("import runpy, sys\n"

@@ -56,7 +56,8 @@ from pathlib import Path
 # Each list ends with what MLflow imports on first use inside a stage rather than at import (30 ms
 # in a train stage: the store's sqlite dialect and schema check, system metrics, tracing; 90 ms in
 # an evaluate stage: GitPython for the run's commit, the model's serving-input check, PNG writing).
-# None of them starts a Python thread (tests/test_warm.py): a fork gets only the thread that forked.
+# None of them starts a Python thread (the server logs how many it has; tests/test_warm.py): a fork
+# gets only the thread that forked.
 PRELOAD = ("torch", "mlflow", "matplotlib", "mlflow.pyfunc",
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils",
            "sqlalchemy.dialects.sqlite", "alembic.command", "mlflow.store.tracking.sqlalchemy_workspace_store",
@@ -509,7 +510,8 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
             except Exception as err:  # noqa: BLE001 - the stages that use it import it, and fail, themselves
                 _log(f"could not import {name} ({type(err).__name__}: {err}); stages import it themselves")
             if not later:  # names only what did import: a failure was logged above
-                _log(f"{', '.join(n for n in LATER if n in sys.modules)} imported")
+                _log(f"{', '.join(n for n in LATER if n in sys.modules)} imported; "
+                     f"Python threads: {threading.active_count()}")  # 1: see PRELOAD
             continue
         for sk, _ in sorted(events, key=lambda event: event[0].data == "stop"):  # a stage that came: first
             if sk.data == "stop":  # the server is ready: take no more stages, end with those running
