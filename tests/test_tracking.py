@@ -134,7 +134,8 @@ def test_parent_reads_running_while_a_seed_trains(store, monkeypatch):
 
 
 def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
-    """The evaluate stage script, as DVC runs it: figures and eval metrics join the training run."""
+    """The evaluate stage script, as DVC runs it (through cifarcnn.warm, a fork of the warm server
+    once one is up): figures and eval metrics join the training run."""
     import os
     import subprocess
     import sys
@@ -142,12 +143,13 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     from helpers import ROOT, tiny_params, write_params
 
     monkeypatch.chdir(store)
+    EVALUATE = [sys.executable, "-m", "cifarcnn.warm", str(ROOT / "stages" / "evaluate.py"), "task2", "0"]
     write_params(store / "params.yaml", tiny_params())
     ds = tiny_dataset(300, 60)
     ds.save(store / "data" / "cifar10.npz")
     cfg = tiny_run("task2", batch_size=32, evals_per_epoch=2)
     trained = train_and_track(cfg, ds, store / "models" / "task2" / "seed0", run_dirs("task2", 0, store / "results").trained)
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
+    proc = subprocess.run(EVALUATE, cwd=store,
                           capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
     warned = [line for line in (proc.stdout + proc.stderr).splitlines() if "WARNING" in line or "Warning" in line]
@@ -177,7 +179,7 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
         model.predict(np.full((1, 32, 32, 3), 0.5))
     assert len(model.predict(np.zeros((2, 48, 40, 3), np.uint8))) == 2  # another size: resized inside
     # The same checkpoint evaluated again (a figure changed): no second model.
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
+    proc = subprocess.run(EVALUATE, cwd=store,
                           capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
     assert len(mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")) == 1
@@ -188,7 +190,7 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     data[-100] ^= 0xFF  # one byte flipped
     best.write_bytes(bytes(data))
     before = (eval_dir(store, "task2") / "eval.json").read_bytes()
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
+    proc = subprocess.run(EVALUATE, cwd=store,
                           capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {Path('models/task2/seed0/best.pt')} is not the checkpoint `train@task2-0` wrote (its sha256 differs "
@@ -199,7 +201,7 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
         assert (eval_dir(store, "task2") / name).read_bytes().startswith(b"\x89PNG")
     # A store that lost the run (another, empty one): the evaluation goes to a new run, with a
     # message, not a failure. (Not by deleting mlflow.db: this process still has it open.)
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
+    proc = subprocess.run(EVALUATE, cwd=store,
                           capture_output=True, text=True,
                           env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'fresh.db'}"})
     assert proc.returncode == 0, proc.stderr
@@ -210,7 +212,7 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     kept = db.read_bytes()
     db.unlink()
     plain = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # mlflow set it in this process
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
+    proc = subprocess.run(EVALUATE, cwd=store,
                           capture_output=True, text=True, env=plain)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {db} is missing, but 1 results name MLflow runs in it (e.g. results/task2/seed0/train/run.json); put it "
@@ -221,7 +223,7 @@ def test_evaluate_stage_logs_into_the_training_run(store, monkeypatch):
     db.write_bytes(b"not a database " * 1000)
     started = time.monotonic()
     wait_s = 900  # what a restarting server would get: far more than a loaded machine's start-up
-    proc = subprocess.run([sys.executable, str(ROOT / "stages" / "evaluate.py"), "task2", "0"], cwd=store,
+    proc = subprocess.run(EVALUATE, cwd=store,
                           capture_output=True, text=True, env={**plain, "CIFARCNN_MLFLOW_CONNECT_WAIT_S": str(wait_s)})
     [line] = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and line.startswith(f"error: MLflow store {db} is not a usable database (")
