@@ -612,8 +612,7 @@ def test_ray_cluster_sweep_survives_a_lost_node(team, tmp_path):
             folder.mkdir()
             args = ["--head", f"--port={port}", "--include-dashboard=false"] if node == "head" else [f"--address={address}"]
             # Its own warm-stage server, as on a machine of its own: killing this node must not kill a
-            # server the other node's stages are forks of (mkdtemp: 0700, and a path short enough
-            # for a socket's name).
+            # server the other node's stages are forks of (mkdtemp: 0700, as the launcher requires).
             warm[node] = Path(tempfile.mkdtemp(prefix="warm-"))
             nodes[node] = _start_ray_node(args, {**node_env, "CIFARCNN_TRIAL_DIR": str(folder),
                                                  "CIFARCNN_WARM_DIR": str(warm[node])}, node,
