@@ -135,6 +135,31 @@ def test_the_server_imports_what_no_train_stage_needs_between_stages(warm):
     assert not set(warm_launcher.LATER) & set(warm_launcher.PRELOAD)
 
 
+FINALIZERS = """
+import sys, weakref
+class Thing:
+    pass
+thing = Thing()
+weakref.finalize(thing, print, "the stage's own finalizer ran")
+print("torch" in sys.modules, len(weakref.finalize._registry), sum(f.atexit for f in weakref.finalize._registry))
+"""
+
+
+def test_a_fork_runs_its_own_finalizers_at_exit_not_the_servers(warm):
+    """A forked stage's exit runs the weakref finalizers the stage made, as a fresh interpreter
+    would, and none of the server's (torch's 201 `torch.library` ones cost 31 ms of every exit;
+    another could remove something of the server's)."""
+    work, env, folder, _ = warm
+    (work / "finalizers.py").write_text(FINALIZERS)
+    proc = subprocess.run([sys.executable, "-m", "cifarcnn.warm", "finalizers.py"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc, _logs(folder))
+    warm_fork, registered, at_exit = proc.stdout.splitlines()[0].split()
+    assert warm_fork == "True" and int(registered) > 100, (proc.stdout, _logs(folder))  # torch's, in the server
+    assert at_exit == "1"  # the stage's own
+    assert proc.stdout.splitlines()[1:] == ["the stage's own finalizer ran"]
+
+
 IMPORTED = ("import runpy, sys\n"
             "for script in sys.argv[2:]:\n"
             "    runpy.run_path(script, run_name='imported')  # its imports and definitions, not main\n"
