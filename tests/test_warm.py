@@ -67,10 +67,7 @@ def warm(tmp_path_factory):
     env.pop("CIFARCNN_WARM", None)
     first = run(work, env)
     assert first.returncode == 0 and first.stdout.startswith("cold|"), first  # no server yet: it runs cold...
-    deadline = time.monotonic() + 300
-    while not _servers(folder):  # ...and starts one
-        assert time.monotonic() < deadline, _logs(folder)
-        time.sleep(0.2)
+    _wait_for_a_server(folder)  # ...and starts one
     yield work, env, folder, src
     warm_launcher.stop(folder)  # the fixture's servers exit within a second
 
@@ -83,6 +80,14 @@ def run(work: Path, env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
 def _servers(folder: Path) -> set[Path]:
     """The sockets of the servers in ``folder`` (not of their early servers)."""
     return {p for p in folder.glob("*.sock") if not p.name.endswith(".early.sock")}
+
+
+def _wait_for_a_server(folder: Path) -> None:
+    """Until a server in ``folder`` listens (it imports for seconds; 300 s at most)."""
+    deadline = time.monotonic() + 300
+    while not _servers(folder):
+        assert time.monotonic() < deadline, _logs(folder)
+        time.sleep(0.2)
 
 
 def _logs(folder: Path) -> str:
@@ -389,10 +394,7 @@ def test_a_relative_folder_deeper_than_a_socket_address_still_runs_warm(warm, tm
     env = {**env, "CIFARCNN_WARM_DIR": str(relative)}
     try:
         assert fields(run(work, env))[0] == "cold"
-        deadline = time.monotonic() + 300
-        while not _servers(folder):
-            assert time.monotonic() < deadline, _logs(folder)
-            time.sleep(0.2)
+        _wait_for_a_server(folder)
         assert min(len(str(p)) for p in _servers(folder)) > warm_launcher.SUN_PATH
         assert fields(run(work, env))[0] == "warm", _logs(folder)
     finally:

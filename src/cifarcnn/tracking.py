@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -31,6 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .errors import UserError  # noqa: E402
+from .fsutil import atomic_path  # noqa: E402
 from .runfiles import TRAINED  # noqa: E402
 
 # MLflow metric names, grouped by what comes before the last "/". The charts view shows one
@@ -161,19 +161,13 @@ def _store_template() -> Path:
     template = cache_dir() / f"mlflow-{mlflow.__version__}-empty-store.db"
     if template.exists():
         return template
-    template.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=template.parent, prefix=".empty-store-", suffix=".db")
-    os.close(fd)
-    try:
+    with atomic_path(template) as tmp:
         engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
         try:
             db_utils._initialize_tables(engine)  # what SqlAlchemyStore runs on an empty database
             db_utils._verify_schema(engine)
         finally:
             engine.dispose()
-        os.replace(tmp, template)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return template
 
 
