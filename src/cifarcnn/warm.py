@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import array
 import fcntl
+import functools
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -47,10 +49,12 @@ from pathlib import Path
 
 # What stages would import cold, and MLflow's sqlite store (sqlalchemy, alembic), which it imports
 # on first use: 3-4 s of CPU once here instead of in every stage. The server takes stages once
-# PRELOAD (what the data stages and the train stages of the small CNNs use) is imported. LATER
-# (2.5-3 s), which those stages do not use, it imports while no stage is asking for it (between
-# stages, beside a running fork), in the order a `dvc repro` needs it: torchvision (1.5 s with the
-# torch._dynamo it imports: task4a's ResNet18, visualize), the figures' pyplot, the report's
+# PRELOAD (what the data stages and the train stages of the small CNNs use) is imported: the first
+# train stage of a `dvc repro` from scratch waits for it. LATER (3 s), which those stages do not
+# use, it imports while no stage is asking for it (between stages, beside a running fork), in the
+# order a `dvc repro` needs it: torchvision (1.5 s with the torch._dynamo it imports: task4a's
+# ResNet18, visualize), matplotlib and MLflow's pyfunc (the evaluate stages' figures and model
+# logging; 0.3 s that the first train stage waited for when they were in PRELOAD), the report's
 # scipy.stats, and tabulate (torch._dynamo's exit handler imports it in every process that has
 # torch._dynamo: 20 ms a stage). A stage forked before then imports what it uses of it itself.
 # Each list ends with what MLflow imports on first use inside a stage rather than at import (30 ms
@@ -58,12 +62,12 @@ from pathlib import Path
 # an evaluate stage: GitPython for the run's commit, the model's serving-input check, PNG writing).
 # None of them starts a Python thread (the server logs how many it has; tests/test_warm.py): a fork
 # gets only the thread that forked.
-PRELOAD = ("torch", "mlflow", "matplotlib", "mlflow.pyfunc",
+PRELOAD = ("torch", "mlflow",
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils",
            "sqlalchemy.dialects.sqlite", "alembic.command", "mlflow.store.tracking.sqlalchemy_workspace_store",
            "mlflow.system_metrics.system_metrics_monitor", "mlflow.tracing.processor.otel",
            "mlflow.tracing.export.utils", "torch.utils.serialization")
-LATER = ("torchvision", "matplotlib.pyplot", "scipy.stats", "tabulate",
+LATER = ("torchvision", "matplotlib", "matplotlib.pyplot", "mlflow.pyfunc", "scipy.stats", "tabulate",
          "git", "mlflow.pyfunc.scoring_server", "mlflow.models.display_utils", "matplotlib.backends.backend_agg",
          "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.JpegImagePlugin", "PIL.PpmImagePlugin", "pyarrow.pandas_compat")
 # The stage scripts that use no more of PRELOAD than torch: the data stages, which a `dvc repro`
@@ -372,6 +376,27 @@ def _packages_file(folder: Path) -> Path:
     return folder / f"packages-{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}.json"
 
 
+def _import(name: str) -> None:
+    module = importlib.import_module(name)
+    if name == "matplotlib":
+        module.use("Agg")  # what cifarcnn.figures sets (stages are headless), before pyplot is imported
+
+
+def _mlflow_schema_head() -> None:
+    """MLflow checks every new client's store against the newest of its schema migrations, which
+    it finds by loading all 60-odd migration scripts again: 30 ms in each stage that connects (two
+    clients in an evaluate stage, the tracking and the registry store's). The migrations are this
+    MLflow install's (its files are part of the key), so the server finds the newest once and each
+    fork asks it. MLflow names it privately: should it go, stages only look it up themselves."""
+    try:
+        from mlflow.store.db import utils as db_utils
+        head = functools.cache(db_utils._get_latest_schema_revision)
+        head()  # a failure is not cached: each stage tries, and reports it, itself
+        db_utils._get_latest_schema_revision = head
+    except Exception as err:  # noqa: BLE001 - the stages look it up themselves
+        _log(f"MLflow's newest schema revision not found ({type(err).__name__}: {err}); each stage looks")
+
+
 def _mlflow_package_map(folder: Path) -> None:
     """Build MLflow's map of installed packages to their modules, which it builds on first use in
     every process: pyfunc.log_model (the evaluate stage) checks the model's pip requirements against
@@ -416,14 +441,12 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
     # Should anything ask torch.cuda.is_available() here, NVML answers: the CUDA driver, once
     # initialised, does not work in a fork (each stage's fork initialises its own).
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import importlib
-    import matplotlib
-    matplotlib.use("Agg")  # what cifarcnn.figures sets: stages are headless
-    importlib.import_module("torch")
+    _import("torch")
     early = _serve_early(folder, key, lock, started)
     for name in PRELOAD:
-        importlib.import_module(name)
+        _import(name)
     _mlflow_package_map(folder)
+    _mlflow_schema_head()
     if sys.modules["torch"].cuda.is_initialized():  # hold the lock, take no stage: they run cold meanwhile
         _log(f"torch initialised CUDA while importing: a fork could not use it; stages run cold for {IDLE_S:.0f} s")
         cold = folder / f"{key}.cold"  # so that no stage waits for this server
@@ -481,7 +504,6 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
     """Take stages on ``listener`` (a fork each) until idle for IDLE_S with none running, or, with
     ``stop_fd`` (the early server), until that pipe ends and the stages it took have ended;
     ``later``: modules to import meanwhile; ``early_pid``: the early server (not a stage's fork)."""
-    import importlib
     inode = sock_path.stat().st_ino
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -506,7 +528,7 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
         if not events and later:  # nobody waiting: one more module, then look again
             name = later.pop(0)
             try:
-                importlib.import_module(name)
+                _import(name)
             except Exception as err:  # noqa: BLE001 - the stages that use it import it, and fail, themselves
                 _log(f"could not import {name} ({type(err).__name__}: {err}); stages import it themselves")
             if not later:  # names only what did import: a failure was logged above
@@ -636,7 +658,6 @@ def _run(request: dict, fds: list[int]) -> None:
         sys.path[:] = [os.path.dirname(os.path.abspath(script)), *request["path"]]
         for name in [m for m in sys.modules if m == "cifarcnn" or m.startswith("cifarcnn.")]:
             del sys.modules[name]  # the project's code comes from the stage's own path, as it is now
-        import importlib
         importlib.invalidate_caches()
         import random
         random.seed()
