@@ -6,10 +6,8 @@ content) and nothing is fetched here. Reads params.yaml's data.source only; stdl
 """
 from pathlib import Path
 
-import yaml
-
 from cifarcnn.errors import UserError, cli, stage_args
-from cifarcnn.fsutil import write_json
+from cifarcnn.fsutil import parse_yaml, write_json
 from cifarcnn.sourcekey import source_key
 
 OUT = Path("data/source.json")
@@ -17,7 +15,7 @@ OUT = Path("data/source.json")
 
 @cli
 def main() -> None:
-    source = ((yaml.safe_load(Path("params.yaml").read_text()) or {}).get("data") or {}).get("source")
+    source = ((parse_yaml(Path("params.yaml").read_text()) or {}).get("data") or {}).get("source")
     if not isinstance(source, str) or not source:
         raise UserError(f"data.source: expected a URL or a local path, got {source!r}")
     key = source_key(source)
