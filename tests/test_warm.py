@@ -279,6 +279,48 @@ def test_an_edited_project_module_is_never_served_stale(warm):
     assert fields(run(work, env))[6] == "None"
 
 
+COMPILED = """
+import sys
+compiled = []  # the project's source files this process compiles (the audit event of compile())
+sys.addaudithook(lambda event, args: compiled.append(args[1].rsplit("/", 1)[1])
+                 if event == "compile" and isinstance(args[1], str) and "/src/cifarcnn/" in args[1] else None)
+import cifarcnn.errors
+def f(x: int) -> None:
+    pass
+print(getattr(cifarcnn.errors, "MARK", None), ",".join(sorted(compiled)), f.__annotations__["x"].__name__)
+"""
+
+
+def test_the_server_compiles_the_projects_modules_for_its_forks_and_an_edit_is_compiled_afresh(warm):
+    """Without bytecode files (PYTHONDONTWRITEBYTECODE, as here) every fork compiled the project's
+    modules again; the server compiles them between stages, and a fork uses that code only for the
+    very source it reads: an edited module is compiled in the fork, as it is now. The script itself
+    compiles as `python <script>` compiles it (not with cifarcnn.warm's own `from __future__
+    import annotations`: its annotations are the objects)."""
+    work, env, _, src = warm
+    (work / "compiled.py").write_text(COMPILED)
+    env = {**env, "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def stage() -> list[str]:
+        proc = subprocess.run([sys.executable, "-m", "cifarcnn.warm", "compiled.py"], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc
+        return proc.stdout.split()
+
+    deadline = time.monotonic() + 60
+    while (out := stage()) != ["None", "int"]:  # [MARK, the files it compiled, if any, ...]
+        assert time.monotonic() < deadline, out  # the server compiles once it has seen a stage, between stages
+        time.sleep(0.2)
+    errors = src / "errors.py"
+    before = errors.read_text()
+    try:
+        errors.write_text(before + "\nMARK = 'edited'\n")
+        assert stage() == ["edited", "errors.py", "int"]  # compiled here, from the edited source
+    finally:
+        errors.write_text(before)
+    assert stage()[0] == "None"
+
+
 def test_exit_status_and_traceback_are_the_scripts(warm):
     work, env, _, _ = warm
     failed = run(work, env, "fail")

@@ -32,6 +32,7 @@ import fcntl
 import functools
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -441,6 +442,7 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
     # Should anything ask torch.cuda.is_available() here, NVML answers: the CUDA driver, once
     # initialised, does not work in a fork (each stage's fork initialises its own).
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    importlib.machinery.SourceFileLoader.source_to_code = _cached_source_to_code  # for the forks: see _CODE
     _import("torch")
     early = _serve_early(folder, key, lock, started)
     for name in PRELOAD:
@@ -519,12 +521,18 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
         sel.register(stop_fd, selectors.EVENT_READ, "stop")
     running: dict[int, tuple[socket.socket, str, float]] = {}  # fork pid -> (its stage's socket, what, start)
     later = list(later)
+    sources: dict[str, None] = {}  # to compile into _CODE (the server's; its early server takes few stages)
     taking = True  # the early server stops taking stages once told
     idle_since = time.monotonic()
     while running or (taking and (stop_fd is not None or time.monotonic() - idle_since < IDLE_S)):
         # A LATER module only after two of a waiting stage's tries to connect found nobody: an import
         # (up to 1.5 s) keeps a stage that connects meanwhile waiting until it ends.
-        events = sel.select(timeout=2 * POLL_S if later else 1.0)
+        events = sel.select(timeout=2 * POLL_S if later or sources else 1.0)
+        if not events and sources:  # nobody waiting: the sources (0.1 s once, then a read each), then look again
+            for path in sources:
+                _compile(path)
+            sources.clear()
+            continue
         if not events and later:  # nobody waiting: one more module, then look again
             name = later.pop(0)
             try:
@@ -571,6 +579,8 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                 running[pid] = (conn, what, time.monotonic())
                 sel.register(conn, selectors.EVENT_READ, pid)
                 _send(conn, {"pid": pid})
+                if stop_fd is None:  # what the next stages will compile, as it is now (an edit: compiled again)
+                    sources.update(dict.fromkeys(_sources(request)))
             elif sk.data == "child":
                 while True:
                     try:
@@ -634,6 +644,54 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+# --- the project's code, compiled once for every fork ------------------------------------------
+# A fork imports the project's modules afresh (never the server's copy), so without bytecode files
+# (PYTHONDONTWRITEBYTECODE=1, as container images often set, or a read-only checkout) every stage
+# compiled them again: 25 ms of a stage's imports here. The server compiles them between stages
+# and its forks' import system takes a module's code from here when the source it just read is,
+# byte for byte, the source compiled: an edit is a miss, compiled in the fork as before.
+PACKAGE = "cifarcnn"
+_CODE: dict[str, tuple[bytes, object]] = {}  # source path -> (its bytes, their code object)
+_source_to_code = importlib.machinery.SourceFileLoader.source_to_code
+
+
+def _compiled(data: bytes, path: str):
+    entry = _CODE.get(path)
+    return entry[1] if entry is not None and entry[0] == data else None
+
+
+def _cached_source_to_code(self, data, path, *, _optimize=-1):
+    """importlib's SourceLoader.source_to_code, from _CODE when it holds this very source."""
+    code = _compiled(data, path) if _optimize == -1 and isinstance(data, bytes) else None
+    return code if code is not None else _source_to_code(self, data, path, _optimize=_optimize)
+
+
+def _sources(request: dict) -> list[str]:
+    """What a stage's fork compiles unless _CODE has it: its script, and the project's modules
+    (from the first folder of its path that holds the package, as its imports find them)."""
+    found = [os.path.abspath(request["argv"][0])]
+    for entry in request["path"]:
+        package = os.path.join(entry, PACKAGE)
+        if os.path.isfile(os.path.join(package, "__init__.py")):
+            try:
+                found += [os.path.join(package, n) for n in sorted(os.listdir(package)) if n.endswith(".py")]
+            except OSError:
+                pass
+            break
+    return found
+
+
+def _compile(path: str) -> None:
+    """Compile ``path`` into _CODE as importlib would (unless it holds this source already)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        if _compiled(data, path) is None:
+            _CODE[path] = (data, compile(data, path, "exec", dont_inherit=True))
+    except (OSError, SyntaxError, ValueError):  # gone or broken: the stage meets it, and reports it, itself
+        _CODE.pop(path, None)
 
 
 def _run(request: dict, fds: list[int]) -> None:
@@ -737,14 +795,14 @@ def _run_main(path: str) -> None:
     """Run the script at ``path`` as ``__main__``, as `python <script>` does: ``__file__`` is
     absolute and sys.argv[0] stays as given (runpy.run_path would rewrite it)."""
     import builtins
-    import importlib.machinery
     import types
     main = types.ModuleType("__main__")
     main.__dict__.update(__file__=path, __builtins__=builtins, __cached__=None, __package__=None, __spec__=None,
                          __loader__=importlib.machinery.SourceFileLoader("__main__", path))
     sys.modules["__main__"] = main
     with open(path, "rb") as fh:
-        code = compile(fh.read(), path, "exec")
+        data = fh.read()
+    code = _compiled(data, path) or compile(data, path, "exec", dont_inherit=True)  # not this module's __future__
     exec(code, main.__dict__)
 
 
