@@ -52,12 +52,14 @@ from pathlib import Path
 # on first use: 3-4 s of CPU once here instead of in every stage. The server takes stages once
 # PRELOAD (what the data stages and the train stages of the small CNNs use) is imported: the first
 # train stage of a `dvc repro` from scratch waits for it. LATER (3 s), which those stages do not
-# use, it imports while no stage is asking for it (between stages, beside a running fork), in the
-# order a `dvc repro` needs it: torchvision (1.5 s with the torch._dynamo it imports: task4a's
-# ResNet18, visualize), matplotlib and MLflow's pyfunc (the evaluate stages' figures and model
-# logging; 0.3 s that the first train stage waited for when they were in PRELOAD), the report's
-# scipy.stats, and tabulate (torch._dynamo's exit handler imports it in every process that has
-# torch._dynamo: 20 ms a stage). A stage forked before then imports what it uses of it itself.
+# use, a successor imports: a fork of the server that then takes the stages on the same socket,
+# while the server takes them meanwhile (so no stage waits for an import) and ends once those it
+# took have ended. LATER is in the order a `dvc repro` needs it: torchvision (1.5 s with the
+# torch._dynamo it imports: task4a's ResNet18, visualize), matplotlib and MLflow's pyfunc (the
+# evaluate stages' figures and model logging; 0.3 s that the first train stage waited for when
+# they were in PRELOAD), the report's scipy.stats, and tabulate (torch._dynamo's exit handler
+# imports it in every process that has torch._dynamo: 20 ms a stage). A stage forked before the
+# successor takes over imports what it uses of it itself.
 # Each list ends with what MLflow imports on first use inside a stage rather than at import (30 ms
 # in a train stage: the store's sqlite dialect and schema check, system metrics, tracing; 90 ms in
 # an evaluate stage: GitPython for the run's commit, the model's serving-input check, PNG writing).
@@ -464,8 +466,8 @@ def serve(folder: Path, key: str, lock_fd: int) -> None:
     _log(f"server {os.getpid()} ready in {time.monotonic() - started:.1f} s ({', '.join(PRELOAD)} imported)")
     if early is not None:
         os.close(early[1])  # the early server takes no more stages (it sees the pipe end)
-    _serve_loop(listener, sock_path, lock, later=list(LATER), stop_fd=None, early_pid=early and early[0])
-    _log(f"server {os.getpid()} exits: idle for {IDLE_S:.0f} s")
+    if not _serve_loop(listener, sock_path, lock, later=list(LATER), stop_fd=None, early_pid=early and early[0]):
+        _log(f"server {os.getpid()} exits: idle for {IDLE_S:.0f} s")
 
 
 def _listen(sock_path: Path) -> tuple[socket.socket, Path]:
@@ -473,6 +475,7 @@ def _listen(sock_path: Path) -> tuple[socket.socket, Path]:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     _address(sock_path, listener.bind)
     listener.listen(64)
+    listener.setblocking(False)  # a server and its successor both accept on it for a moment: one gets each stage
     return listener, sock_path
 
 
@@ -502,11 +505,16 @@ def _serve_early(folder: Path, key: str, lock, started: float) -> tuple[int, int
 
 
 def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str], stop_fd: int | None,
-                early_pid: int | None) -> None:
+                early_pid: int | None) -> bool:
     """Take stages on ``listener`` (a fork each) until idle for IDLE_S with none running, or, with
-    ``stop_fd`` (the early server), until that pipe ends and the stages it took have ended;
-    ``later``: modules to import meanwhile; ``early_pid``: the early server (not a stage's fork)."""
-    inode = sock_path.stat().st_ino
+    ``stop_fd`` (the early server), until that pipe ends and the stages it took have ended. With
+    ``later``, a successor (a fork of this process) imports those modules meanwhile and then takes
+    the stages on the same socket: this process takes none after that, and ends once the stages it
+    took have ended (True: handed over). ``early_pid``: the early server (not a stage's fork)."""
+    try:
+        inode = sock_path.stat().st_ino
+    except OSError:  # stopped meanwhile (stop(), or the server that forked this one went idle)
+        return False
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
@@ -520,38 +528,46 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
     if stop_fd is not None:
         sel.register(stop_fd, selectors.EVENT_READ, "stop")
     running: dict[int, tuple[socket.socket, str, float]] = {}  # fork pid -> (its stage's socket, what, start)
-    later = list(later)
-    sources: dict[str, None] = {}  # to compile into _CODE (the server's; its early server takes few stages)
-    taking = True  # the early server stops taking stages once told
+    # The project's modules, compiled into _CODE for the forks (the server's; its early server takes few stages)
+    sources = dict.fromkeys(_sources(None, sys.path)) if stop_fd is None else {}
+    successor: tuple[int, int] | None = None  # its pid, and the pipe it says "ready" on
+    taking = True  # the early server stops taking stages once told, a server once its successor is ready
     idle_since = time.monotonic()
     while running or (taking and (stop_fd is not None or time.monotonic() - idle_since < IDLE_S)):
-        # A LATER module only after two of a waiting stage's tries to connect found nobody: an import
-        # (up to 1.5 s) keeps a stage that connects meanwhile waiting until it ends.
-        events = sel.select(timeout=2 * POLL_S if later or sources else 1.0)
+        events = sel.select(timeout=2 * POLL_S if sources or (later and not successor) else 1.0)
         if not events and sources:  # nobody waiting: the sources (0.1 s once, then a read each), then look again
             for path in sources:
                 _compile(path)
             sources.clear()
             continue
-        if not events and later:  # nobody waiting: one more module, then look again
-            name = later.pop(0)
-            try:
-                _import(name)
-            except Exception as err:  # noqa: BLE001 - the stages that use it import it, and fail, themselves
-                _log(f"could not import {name} ({type(err).__name__}: {err}); stages import it themselves")
-            if not later:  # names only what did import: a failure was logged above
-                _log(f"{', '.join(n for n in LATER if n in sys.modules)} imported; "
-                     f"Python threads: {threading.active_count()}")  # 1: see PRELOAD
+        if not events and later and not successor and taking:  # nobody waiting: LATER goes to a successor
+            successor = _fork_successor(listener, sock_path, lock, later,
+                                        close=[wake_r, wake_w, sel, *(c for c, _, _ in running.values() if c)])
+            if successor is not None:
+                sel.register(successor[1], selectors.EVENT_READ, "ready")
+            later = []
             continue
-        for sk, _ in sorted(events, key=lambda event: event[0].data == "stop"):  # a stage that came: first
-            if sk.data == "stop":  # the server is ready: take no more stages, end with those running
-                sel.unregister(stop_fd)
-                sel.unregister(listener)
-                listener.close()
-                _unlink_if(sock_path, inode)
-                taking = False
+        for sk, _ in sorted(events, key=lambda event: event[0].data in ("stop", "ready")):  # a stage that came: first
+            if sk.data in ("stop", "ready"):  # take no more stages, end with those running
+                handed = sk.data == "ready" and os.read(successor[1], 1) == b"1"
+                sel.unregister(sk.fileobj)
+                if sk.data == "ready":
+                    os.close(successor[1])
+                if sk.data == "stop" or handed:
+                    sel.unregister(listener)
+                    listener.close()
+                    if not handed:
+                        _unlink_if(sock_path, inode)
+                    taking = False
+                    if handed:
+                        _log(f"server {os.getpid()} hands its socket to server {successor[0]}, which has LATER too")
+                else:  # it failed (logged): this one goes on taking stages, without LATER
+                    successor = (successor[0], -1)
             elif sk.data == "accept":
-                conn, _ = listener.accept()
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:  # its successor took that one
+                    continue
                 uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
                 if uid != os.getuid():
                     conn.close()
@@ -566,7 +582,8 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                 pid = os.fork()
                 if pid == 0:
                     sel.close()
-                    for fd in (listener.fileno(), wake_r, wake_w, conn.fileno(), lock.fileno(), stop_fd):
+                    ready = successor[1] if successor is not None and successor[1] >= 0 else None
+                    for fd in (listener.fileno(), wake_r, wake_w, conn.fileno(), lock.fileno(), stop_fd, ready):
                         if fd is not None:
                             os.close(fd)
                     for other, _, _ in running.values():
@@ -580,7 +597,7 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                 sel.register(conn, selectors.EVENT_READ, pid)
                 _send(conn, {"pid": pid})
                 if stop_fd is None:  # what the next stages will compile, as it is now (an edit: compiled again)
-                    sources.update(dict.fromkeys(_sources(request)))
+                    sources.update(dict.fromkeys(_sources(request["argv"][0], request["path"])))
             elif sk.data == "child":
                 while True:
                     try:
@@ -594,7 +611,7 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                         break
                     if pid == 0:
                         break
-                    if pid == early_pid:  # the early server, done with its stages
+                    if pid == early_pid or (successor and pid == successor[0]):  # not a stage's fork
                         continue
                     conn, what, began = running.pop(pid, (None, "?", time.monotonic()))
                     _log(f"{what} (pid {pid}): {_describe(status)} after {time.monotonic() - began:.1f} s")
@@ -629,6 +646,48 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                 break  # the socket was removed: stop taking stages
     if taking:
         _unlink_if(sock_path, inode)
+    return not taking and stop_fd is None
+
+
+def _fork_successor(listener: socket.socket, sock_path: Path, lock, later: list[str], close: list) -> tuple[int, int] | None:
+    """Fork the process that imports ``later`` while this one goes on taking stages, then takes
+    them itself on the same socket (and tells this one on the pipe whose read end is returned,
+    with its pid). A stage that comes meanwhile is never kept waiting by an import (torchvision's
+    takes 1.5 s), and a fork taken after it has those modules."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(ready_w)
+        return pid, ready_r
+    code = 1
+    try:
+        os.close(ready_r)
+        for thing in close:  # the server's loop: its selector, wake-up pipe and stages' sockets
+            if isinstance(thing, int):
+                os.close(thing)
+            else:
+                thing.close()
+        signal.set_wakeup_fd(-1)
+        for name in later:
+            try:
+                _import(name)
+            except Exception as err:  # noqa: BLE001 - the stages that use it import it, and fail, themselves
+                _log(f"could not import {name} ({type(err).__name__}: {err}); stages import it themselves")
+        _log(f"server {os.getpid()}: {', '.join(n for n in LATER if n in sys.modules)} imported; "
+             f"Python threads: {threading.active_count()}")  # 1: see PRELOAD
+        try:
+            os.write(ready_w, b"1")
+            os.close(ready_w)
+        except OSError:  # the server that forked this one is gone (idle, or stopped): so is its socket
+            code = 0
+            return None
+        _serve_loop(listener, sock_path, lock, later=[], stop_fd=None, early_pid=None)
+        _log(f"server {os.getpid()} exits: idle for {IDLE_S:.0f} s")
+        code = 0
+    except BaseException as err:  # noqa: BLE001 - logged; the server that forked it goes on without it
+        _log(f"server {os.getpid()} (LATER) failed: {type(err).__name__}: {err}")
+    finally:
+        os._exit(code)
 
 
 def _unlink_if(sock_path: Path, inode: int) -> None:
@@ -668,11 +727,11 @@ def _cached_source_to_code(self, data, path, *, _optimize=-1):
     return code if code is not None else _source_to_code(self, data, path, _optimize=_optimize)
 
 
-def _sources(request: dict) -> list[str]:
+def _sources(script: str | None, path: list[str]) -> list[str]:
     """What a stage's fork compiles unless _CODE has it: its script, and the project's modules
-    (from the first folder of its path that holds the package, as its imports find them)."""
-    found = [os.path.abspath(request["argv"][0])]
-    for entry in request["path"]:
+    (from the first folder of its import path that holds the package, as its imports find them)."""
+    found = [os.path.abspath(script)] if script else []
+    for entry in path:
         package = os.path.join(entry, PACKAGE)
         if os.path.isfile(os.path.join(package, "__init__.py")):
             try:
@@ -764,9 +823,10 @@ def _disown_finalizers() -> None:
 
 def _die_with(pid: int) -> None:
     """SIGKILL this fork the moment process ``pid`` (its stage process) ends, as a stage run cold
-    dies with its process. The server does so too, but not while it imports a LATER module (up to
-    1.5 s), time enough for errors.watch_parent to stop the stage gently and mark its MLflow run
-    KILLED itself, when the whole process tree was SIGKILLed. A pidfd, watched by a thread."""
+    dies with its process. The server does so too, but only between other events (a stage's
+    fork, a project module's compile), and not at all while it is stopped: time enough for
+    errors.watch_parent to stop the stage gently and mark its MLflow run KILLED itself, when the
+    whole process tree was SIGKILLed. A pidfd, watched by a thread."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:  # gone already
