@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -122,21 +123,30 @@ def test_a_stage_runs_in_a_fork_with_its_own_argv_folder_environment_umask_and_s
 
 def test_the_server_imports_what_no_train_stage_needs_between_stages(warm):
     """The server takes stages once torch and MLflow are imported; torchvision, pyplot,
-    scipy.stats and tabulate (2.5-3 s) it imports after that, while no stage is asking, so a fork
-    taken after that has them. Nothing it imports starts a Python thread: a fork has only the
-    thread that called fork(), so a lock (a logging handler's, a queue's) another thread held at
-    that moment would stay locked in every stage. (The native threads of torch's and jemalloc's
-    pools are theirs to handle, with pthread_atfork.)"""
+    scipy.stats and tabulate (2.5-3 s) a successor imports after that (a fork of the server, while
+    the server goes on taking stages), which then takes the stages on the same socket: the server
+    ends, and a fork taken after that has them. Nothing it imports starts a Python thread: a fork
+    has only the thread that called fork(), so a lock (a logging handler's, a queue's) another
+    thread held at that moment would stay locked in every stage. (The native threads of torch's
+    and jemalloc's pools are theirs to handle, with pthread_atfork.)"""
     work, env, folder, _ = warm
+    key = subprocess.run(KEY_COMMAND, env=env, cwd=work, capture_output=True, text=True, timeout=60).stdout.strip()
+    log = folder / f"{key}.log"  # the fixture's server's
     deadline = time.monotonic() + 300
-    while f"{', '.join(warm_launcher.LATER)} imported" not in _logs(folder):
+    while not (handed := re.search(r"server (\d+) hands its socket to server (\d+),", log.read_text())):
         assert time.monotonic() < deadline, _logs(folder)
         time.sleep(0.2)
-    assert f"{', '.join(warm_launcher.LATER)} imported; Python threads: 1\n" in _logs(folder), _logs(folder)
-    (work / "later.py").write_text("import sys\nprint(*(name in sys.modules for name in sys.argv[1:]))\n")
+    server, successor = int(handed[1]), int(handed[2])
+    assert f"server {successor}: {', '.join(warm_launcher.LATER)} imported; Python threads: 1\n" in log.read_text(), \
+        _logs(folder)
+    while proc_state(server) not in ("gone", "Z"):  # it ran no stage: it ends at once
+        assert time.monotonic() < deadline, (proc_state(server), _logs(folder))
+        time.sleep(0.1)
+    (work / "later.py").write_text("import os, sys\nprint(os.getppid(), *(name in sys.modules for name in sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-m", "cifarcnn.warm", "later.py", "torch", *warm_launcher.LATER], cwd=work,
                           env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.split() == ["True"] * (1 + len(warm_launcher.LATER)), (proc, _logs(folder))
+    assert proc.returncode == 0 and proc.stdout.split() == [str(successor)] + ["True"] * (1 + len(warm_launcher.LATER)), \
+        (proc, _logs(folder))
     assert not set(warm_launcher.LATER) & set(warm_launcher.PRELOAD)
 
 
