@@ -374,7 +374,7 @@ def test_signals_reach_the_fork_and_its_end_is_the_stages(warm, how):
 
 def test_a_fork_dies_with_its_stage_process_while_the_server_is_busy(warm):
     """SIGKILL of the process DVC started kills its fork at once even while the server takes no
-    event (here stopped, as it is while it imports a LATER module): the fork watches that process
+    event (here stopped; busy, it takes none either): the fork watches that process
     itself. Otherwise errors.watch_parent, a second later, would stop the stage gently, and a
     whole process tree SIGKILLed (a lost Ray node) would leave a run marked KILLED by the stage."""
     work, env, folder, _ = warm

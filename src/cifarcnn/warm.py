@@ -561,7 +561,8 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                     taking = False
                     if handed:
                         _log(f"server {os.getpid()} hands its socket to server {successor[0]}, which has LATER too")
-                else:  # it failed (logged): this one goes on taking stages, without LATER
+                else:  # it ended without taking over: this one goes on taking stages, without LATER
+                    _log(f"server {successor[0]} (LATER) ended before it was ready; server {os.getpid()} goes on")
                     successor = (successor[0], -1)
             elif sk.data == "accept":
                 try:
