@@ -150,6 +150,41 @@ def test_the_server_imports_what_no_train_stage_needs_between_stages(warm):
     assert not set(warm_launcher.LATER) & set(warm_launcher.PRELOAD)
 
 
+def test_a_successor_that_dies_leaves_the_server_taking_stages(tmp_path):
+    """Should the successor die while it imports LATER (a module that ends its process, say), the
+    server says so and goes on taking every stage itself, without LATER."""
+    src = tmp_path / "src" / "cifarcnn"
+    src.mkdir(parents=True)
+    shutil.copy(ROOT / "src" / "cifarcnn" / "__init__.py", src / "__init__.py")
+    text = (ROOT / "src" / "cifarcnn" / "warm.py").read_text()
+    text, n = re.subn(r"(?m)^LATER = \(.*?\)\n", 'LATER = ("zz_ends_its_process",)\n', text, flags=re.S)
+    assert n == 1
+    (src / "warm.py").write_text(text)
+    (tmp_path / "src" / "zz_ends_its_process.py").write_text("import os\nos._exit(3)\n")
+    work, folder = tmp_path / "work", tmp_path / "w"
+    work.mkdir()
+    (work / "t.py").write_text("import os, sys\nprint('torch' in sys.modules, os.getppid(), 'zz_ends_its_process' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "CIFARCNN_WARM_DIR": str(folder), "CIFARCNN_WARM_IDLE_S": "60"}
+    env.pop("CIFARCNN_WARM", None)
+
+    def stage() -> list[str]:
+        proc = subprocess.run([sys.executable, "-m", "cifarcnn.warm", "t.py"], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, (proc, _logs(folder))
+        return proc.stdout.split()
+
+    try:
+        assert stage()[0] == "False"  # cold: it starts the server
+        deadline = time.monotonic() + 300
+        while not (ended := re.search(r"\(LATER\) ended before it was ready; server (\d+) goes on", _logs(folder))):
+            assert time.monotonic() < deadline, _logs(folder)
+            time.sleep(0.2)
+        assert stage() == ["True", ended[1], "False"], _logs(folder)  # the server's own fork, without LATER
+        assert "hands its socket" not in _logs(folder)
+    finally:
+        warm_launcher.stop(folder)
+
+
 FINALIZERS = """
 import sys, weakref
 class Thing:
