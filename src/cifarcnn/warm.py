@@ -553,6 +553,7 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                 sel.unregister(sk.fileobj)
                 if sk.data == "ready":
                     os.close(successor[1])
+                    successor = (successor[0], -1)  # pipe closed: no stage's fork closes it again
                 if sk.data == "stop" or handed:
                     sel.unregister(listener)
                     listener.close()
@@ -563,7 +564,6 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                         _log(f"server {os.getpid()} hands its socket to server {successor[0]}, which has LATER too")
                 else:  # it ended without taking over: this one goes on taking stages, without LATER
                     _log(f"server {successor[0]} (LATER) ended before it was ready; server {os.getpid()} goes on")
-                    successor = (successor[0], -1)
             elif sk.data == "accept":
                 try:
                     conn, _ = listener.accept()
