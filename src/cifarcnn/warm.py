@@ -598,7 +598,8 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                 sel.register(conn, selectors.EVENT_READ, pid)
                 _send(conn, {"pid": pid})
                 if stop_fd is None:  # what the next stages will compile, as it is now (an edit: compiled again)
-                    sources.update(dict.fromkeys(_sources(request["argv"][0], request["path"])))
+                    script = os.path.join(request["cwd"], request["argv"][0])  # as the fork finds it (this one runs from /)
+                    sources.update(dict.fromkeys(_sources(script, request["path"])))
             elif sk.data == "child":
                 while True:
                     try:
