@@ -530,40 +530,38 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
     running: dict[int, tuple[socket.socket, str, float]] = {}  # fork pid -> (its stage's socket, what, start)
     # The project's modules, compiled into _CODE for the forks (the server's; its early server takes few stages)
     sources = dict.fromkeys(_sources(None, sys.path)) if stop_fd is None else {}
-    successor: tuple[int, int] | None = None  # its pid, and the pipe it says "ready" on
+    successor, ready = None, None  # the successor's pid, and the pipe it says "ready" on until read
     taking = True  # the early server stops taking stages once told, a server once its successor is ready
     idle_since = time.monotonic()
     while running or (taking and (stop_fd is not None or time.monotonic() - idle_since < IDLE_S)):
-        events = sel.select(timeout=2 * POLL_S if sources or (later and not successor) else 1.0)
+        events = sel.select(timeout=2 * POLL_S if sources or later else 1.0)
         if not events and sources:  # nobody waiting: the sources (0.1 s once, then a read each), then look again
             for path in sources:
                 _compile(path)
             sources.clear()
             continue
-        if not events and later and not successor and taking:  # nobody waiting: LATER goes to a successor
-            successor = _fork_successor(listener, sock_path, lock, later,
-                                        close=[wake_r, wake_w, sel, *(c for c, _, _ in running.values() if c)])
-            if successor is not None:
-                sel.register(successor[1], selectors.EVENT_READ, "ready")
+        if not events and later and taking:  # nobody waiting: LATER goes to a successor
+            successor, ready = _fork_successor(listener, sock_path, lock, later,
+                                               close=[wake_r, wake_w, sel, *(c for c, _, _ in running.values() if c)])
+            sel.register(ready, selectors.EVENT_READ, "ready")
             later = []
             continue
         for sk, _ in sorted(events, key=lambda event: event[0].data in ("stop", "ready")):  # a stage that came: first
-            if sk.data in ("stop", "ready"):  # take no more stages, end with those running
-                handed = sk.data == "ready" and os.read(successor[1], 1) == b"1"
+            if sk.data in ("stop", "ready"):  # take no more stages (the early server, or a successor ready)
                 sel.unregister(sk.fileobj)
+                handed = False
                 if sk.data == "ready":
-                    os.close(successor[1])
-                    successor = (successor[0], -1)  # pipe closed: no stage's fork closes it again
-                if sk.data == "stop" or handed:
+                    handed = os.read(ready, 1) == b"1"  # nothing: it ended without taking over
+                    os.close(ready)
+                    ready = None
+                    _log(f"server {os.getpid()} hands its socket to server {successor}, which has LATER too" if handed
+                         else f"server {successor} (LATER) ended before it was ready; server {os.getpid()} goes on")
+                if sk.data == "stop" or handed:  # end with the stages running
                     sel.unregister(listener)
                     listener.close()
-                    if not handed:
+                    if not handed:  # the socket is the successor's now
                         _unlink_if(sock_path, inode)
                     taking = False
-                    if handed:
-                        _log(f"server {os.getpid()} hands its socket to server {successor[0]}, which has LATER too")
-                else:  # it ended without taking over: this one goes on taking stages, without LATER
-                    _log(f"server {successor[0]} (LATER) ended before it was ready; server {os.getpid()} goes on")
             elif sk.data == "accept":
                 try:
                     conn, _ = listener.accept()
@@ -583,7 +581,6 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                 pid = os.fork()
                 if pid == 0:
                     sel.close()
-                    ready = successor[1] if successor is not None and successor[1] >= 0 else None
                     for fd in (listener.fileno(), wake_r, wake_w, conn.fileno(), lock.fileno(), stop_fd, ready):
                         if fd is not None:
                             os.close(fd)
@@ -613,7 +610,7 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
                         break
                     if pid == 0:
                         break
-                    if pid == early_pid or (successor and pid == successor[0]):  # not a stage's fork
+                    if pid in (early_pid, successor):  # not a stage's fork
                         continue
                     conn, what, began = running.pop(pid, (None, "?", time.monotonic()))
                     _log(f"{what} (pid {pid}): {_describe(status)} after {time.monotonic() - began:.1f} s")
@@ -651,7 +648,7 @@ def _serve_loop(listener: socket.socket, sock_path: Path, lock, later: list[str]
     return not taking and stop_fd is None
 
 
-def _fork_successor(listener: socket.socket, sock_path: Path, lock, later: list[str], close: list) -> tuple[int, int] | None:
+def _fork_successor(listener: socket.socket, sock_path: Path, lock, later: list[str], close: list) -> tuple[int, int]:
     """Fork the process that imports ``later`` while this one goes on taking stages, then takes
     them itself on the same socket (and tells this one on the pipe whose read end is returned,
     with its pid). A stage that comes meanwhile is never kept waiting by an import (torchvision's
@@ -682,7 +679,7 @@ def _fork_successor(listener: socket.socket, sock_path: Path, lock, later: list[
             os.close(ready_w)
         except OSError:  # the server that forked this one is gone (idle, or stopped): so is its socket
             code = 0
-            return None
+            return
         _serve_loop(listener, sock_path, lock, later=[], stop_fd=None, early_pid=None)
         _log(f"server {os.getpid()} exits: idle for {IDLE_S:.0f} s")
         code = 0
