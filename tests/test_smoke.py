@@ -644,6 +644,13 @@ def mlflow_runs(repo: Path) -> list:
     return client.search_runs([client.get_experiment_by_name("cifar10-cnn-report").experiment_id])
 
 
+def lock_md5(repo: Path, stage: str, path: str) -> str:
+    """The md5 dvc.lock records for one output of one stage."""
+    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]["outs"]
+    [md5] = [o["md5"] for o in outs if o["path"] == path]
+    return md5
+
+
 def set_param(repo: Path, key: str, value: str) -> None:
     text, n = re.subn(rf"^(\s*{key}:) \S+", rf"\g<1> {value}", (repo / "params.yaml").read_text(), count=1, flags=re.M)
     assert n == 1, key
@@ -753,12 +760,16 @@ def test_dvc_stopped_mid_training_marks_the_run_killed_and_resumes_it(project):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert len(steps) == len(set(steps)), f"{key} has a step twice"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "curves/train_loss")] == list(range(1, metrics["steps"] + 1))
-        # The same params again, never interrupted: the same numbers (the CPU is deterministic).
-        unbroken = sh(["dvc", "repro", "-f", "train@task3e-0"], repo, env)
+        # The same params again, never interrupted, and in a fresh interpreter rather than a fork of
+        # the warm server: the same numbers (the CPU is deterministic) and the same checkpoint, the
+        # md5 DVC records byte for byte.
+        resumed_md5 = lock_md5(repo, "train@task3e-0", "models/task3e/seed0/best.pt")
+        unbroken = sh(["dvc", "repro", "-f", "train@task3e-0"], repo, {**env, "CIFARCNN_WARM": "0"})
         assert "resuming" not in unbroken
         again = merged(train_dir(repo, "task3e"), "train.json", "run.json")
         keys = ["best_val_loss", "best_val_acc", "best_step", "steps"]
         assert {k: metrics[k] for k in keys} == {k: again[k] for k in keys}
+        assert lock_md5(repo, "train@task3e-0", "models/task3e/seed0/best.pt") == resumed_md5
     finally:
         (repo / "params.yaml").write_text(original)
 

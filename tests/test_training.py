@@ -92,6 +92,8 @@ def test_same_seed_same_numbers(tmp_path):
     a = train(cfg, tiny_dataset(200, 40), tmp_path / "a").metrics
     b = train(cfg, tiny_dataset(200, 40), tmp_path / "b").metrics
     assert {k: a[k] for k in a if "loss" in k or "acc" in k} == {k: b[k] for k in b if "loss" in k or "acc" in k}
+    # and the same file, byte for byte: DVC's md5 and run.json's sha256 name the weights, not the write
+    assert (tmp_path / "a" / BEST).read_bytes() == (tmp_path / "b" / BEST).read_bytes()
 
 
 KILLABLE = textwrap.dedent("""
@@ -133,6 +135,7 @@ def test_resume_after_sigkill_gives_the_same_result(tmp_path):
     keys = [k for k in unbroken.metrics if k.endswith(("_acc", "_loss"))] + ["best_step", "steps"]
     assert {k: resumed.metrics[k] for k in keys} == {k: unbroken.metrics[k] for k in keys}
     assert resumed.history.losses == unbroken.history.losses
+    assert (out / BEST).read_bytes() == (tmp_path / "unbroken" / BEST).read_bytes()
     assert not saved.exists()
 
 

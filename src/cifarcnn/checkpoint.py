@@ -21,10 +21,15 @@ def cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic: a kill during the write leaves the previous checkpoint intact."""
+    """Atomic: a kill during the write leaves the previous checkpoint intact.
+
+    Written through a file object: given a path, torch.save names the zip's records after the
+    file (here a random temporary name), so the same weights made a different file each time,
+    and DVC and run.json saw a new checkpoint. Now the bytes depend on the payload alone."""
     with atomic_path(path, suffix=".pt") as tmp:
         try:
-            torch.save(payload, tmp)
+            with open(tmp, "wb") as f:
+                torch.save(payload, f)
         except RuntimeError as err:  # torch's writer reports a full disk as a RuntimeError
             raise write_error(path, err) from err
 
