@@ -142,24 +142,28 @@ def test_editing_a_run_changes_configure_and_not_the_split_or_the_report(project
     assert up_to_date(sh(["dvc", "status"], repo, env))
 
 
-def test_editing_the_statistics_reruns_the_report_and_trains_nothing(project):
-    """A cache boundary through the real commands: after an edit to stats.py (the report's
-    statistics), `dvc status` names the code, and `dvc repro` runs the `code` stage, then only the
-    two stages whose scripts use stats.py (`calculations`, `report`), beside the always-run
-    `source`. With the edit undone, nothing trains or evaluates either."""
+@pytest.mark.parametrize("module, uses, runs", [
+    ("stats.py", "report", {"calculations", "report"}),  # the report's statistics
+    ("fetch.py", "download", {"download"}),  # the downloader: it writes the same data file again
+])
+def test_editing_the_statistics_or_the_downloader_trains_nothing(project, module, uses, runs):
+    """A cache boundary through the real commands: after an edit to a module, `dvc status` names
+    the code, and `dvc repro` runs the `code` stage, then only the stages whose scripts use it,
+    beside the always-run `source`; the downloader's stage writes a byte-identical data file, so
+    nothing after it runs. With the edit undone, nothing trains or evaluates either."""
     repo, env, _ = project
-    stats = repo / "src" / "cifarcnn" / "stats.py"
-    original = stats.read_text()
+    path = repo / "src" / "cifarcnn" / module
+    original = path.read_text()
     try:
-        stats.write_text(original + "\n# an edit to the report's statistics\n")
+        path.write_text(original + f"\n# an edit to {module}\n")
         status = sh(["dvc", "status"], repo, env)
         assert re.search(r"^code:\n\s+changed deps:\n\s+modified:\s+src/cifarcnn$", status, re.M), status
         edited = sh(["dvc", "repro"], repo, env)
-        assert ran_stages(edited)[0] == "code" and set(ran_stages(edited)) == {"code", "source", "calculations", "report"}, edited
-        code = {s: json.loads((repo / "codedeps" / f"{s}.json").read_text()) for s in ("report", "train")}
-        assert "src/cifarcnn/stats.py" in code["report"] and "src/cifarcnn/stats.py" not in code["train"], code
+        assert ran_stages(edited)[0] == "code" and set(ran_stages(edited)) == {"code", "source"} | runs, edited
+        code = {s: json.loads((repo / "codedeps" / f"{s}.json").read_text()) for s in (uses, "train")}
+        assert f"src/cifarcnn/{module}" in code[uses] and f"src/cifarcnn/{module}" not in code["train"], code
     finally:
-        stats.write_text(original)
+        path.write_text(original)
     undone = sh(["dvc", "repro"], repo, env)
     assert not [s for s in ran_stages(undone) if s.startswith(("train@", "evaluate@", "visualize"))], undone
     assert up_to_date(sh(["dvc", "status"], repo, env))
