@@ -485,21 +485,35 @@ def _serve_early(folder: Path, key: str, lock, started: float) -> tuple[int, int
     when torch initialised CUDA: a fork could not use it."""
     if sys.modules["torch"].cuda.is_initialized():
         return None
-    stop_r, stop_w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(stop_r)
-        return pid, stop_w
-    code = 1
-    try:
-        os.close(stop_w)
+
+    def early(stop_r: int) -> None:
         listener, sock_path = _listen(folder / f"{key}.early.sock")
         _log(f"early server {os.getpid()} takes {', '.join(EARLY)} in {time.monotonic() - started:.1f} s "
              f"(torch imported) until server {os.getppid()} is ready")
         _serve_loop(listener, sock_path, lock, later=[], stop_fd=stop_r, early_pid=None)
+
+    return _fork_server(early, "early server {pid}", fork_writes=False)
+
+
+def _fork_server(body, name: str, fork_writes: bool) -> tuple[int, int]:
+    """Fork a process that runs ``body`` with its end of a new pipe to this one, then ends with
+    os._exit (never returning into this process's code): status 0, or 1 when ``body`` raised,
+    logged as ``name`` (a format with {pid}) failed. Returns the fork's pid and this process's end
+    of the pipe: the read end when the fork writes (the successor says it is ready), else the write
+    end (this process tells the early server to stop by closing it)."""
+    read_end, write_end = os.pipe()
+    mine, theirs = (read_end, write_end) if fork_writes else (write_end, read_end)
+    pid = os.fork()
+    if pid:
+        os.close(theirs)
+        return pid, mine
+    code = 1
+    try:
+        os.close(mine)
+        body(theirs)
         code = 0
-    except BaseException as err:  # noqa: BLE001 - logged; the server goes on without it
-        _log(f"early server {os.getpid()} failed: {type(err).__name__}: {err}")
+    except BaseException as err:  # noqa: BLE001 - logged; the server that forked it goes on without it
+        _log(f"{name.format(pid=os.getpid())} failed: {type(err).__name__}: {err}")
     finally:
         os._exit(code)
 
@@ -653,14 +667,7 @@ def _fork_successor(listener: socket.socket, sock_path: Path, lock, later: list[
     them itself on the same socket (and tells this one on the pipe whose read end is returned,
     with its pid). A stage that comes meanwhile is never kept waiting by an import (torchvision's
     takes 1.5 s), and a fork taken after it has those modules."""
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(ready_w)
-        return pid, ready_r
-    code = 1
-    try:
-        os.close(ready_r)
+    def successor(ready_w: int) -> None:
         for thing in close:  # the server's loop: its selector, wake-up pipe and stages' sockets
             if isinstance(thing, int):
                 os.close(thing)
@@ -678,15 +685,11 @@ def _fork_successor(listener: socket.socket, sock_path: Path, lock, later: list[
             os.write(ready_w, b"1")
             os.close(ready_w)
         except OSError:  # the server that forked this one is gone (idle, or stopped): so is its socket
-            code = 0
             return
         _serve_loop(listener, sock_path, lock, later=[], stop_fd=None, early_pid=None)
         _log(f"server {os.getpid()} exits: idle for {IDLE_S:.0f} s")
-        code = 0
-    except BaseException as err:  # noqa: BLE001 - logged; the server that forked it goes on without it
-        _log(f"server {os.getpid()} (LATER) failed: {type(err).__name__}: {err}")
-    finally:
-        os._exit(code)
+
+    return _fork_server(successor, "server {pid} (LATER)", fork_writes=True)
 
 
 def _unlink_if(sock_path: Path, inode: int) -> None:
